@@ -1,0 +1,35 @@
+# Two entry points on a fresh machine: `make run` and `make test`. Both install first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch first, pinned to the CPU build that lies on this kind of machine, so no multi-GB CUDA build is pulled.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install run test bench openapi clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+run: install
+	@echo "submerge: serving on http://127.0.0.1:8000 (embedded mode: SQLite, local storage, in-process workers)"
+	@echo "  try: curl -s http://127.0.0.1:8000/v1/methods"
+	@echo "       curl -s -X POST http://127.0.0.1:8000/v1/merges -H 'content-type: application/json' \\"
+	@echo "         -d '{\"method\": \"tsv_m\", \"base\": {\"uri\": \"./base\"}, \"experts\": [{\"uri\": \"./a\"}, {\"uri\": \"./b\"}]}'"
+	$(VENV)/bin/submerge serve --host 127.0.0.1 --port 8000
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) bench/run_bench.py
+
+openapi: install
+	$(PY) -m service.openapi_export
+
+clean:
+	rm -rf $(VENV) data .pytest_cache

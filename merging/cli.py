@@ -1,0 +1,493 @@
+"""The library's command line: ``submerge merge | validate | methods``.
+
+Pure library: argparse, torch and the merging package only, no web or queue imports. The
+top-level ``submerge`` entry point (``service.cli:main``) mounts these subcommands next to
+``serve`` and ``worker``; ``python -m merging.cli`` runs them without the service package.
+
+Contract for scripts:
+
+* stdout carries the result (a summary, or JSON with ``--json``); stderr carries progress.
+* Any failure prints exactly one line to stderr, ``submerge: error: <code>: <message>``,
+  and exits 2 for spec/usage errors, 1 for any other error, 130 on Ctrl-C. Set
+  ``SUBMERGE_DEBUG=1`` to get the traceback as well.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+import traceback
+from collections import Counter
+from typing import Any, Callable, TextIO
+
+PROG = "submerge"
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(Exception):
+    """Bad command line (reported like a spec error: one line, exit 2)."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports bad arguments as one ``submerge: error: usage: ...`` line (exit 2)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# ----------------------------------------------------------------------------------------
+# errors
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def report_error(code: str, message: str, status: int, stream: TextIO | None = None) -> int:
+    stream = stream or sys.stderr
+    print(f"{PROG}: error: {code}: {_one_line(message)}", file=stream, flush=True)
+    return status
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("SUBMERGE_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def run_guarded(fn: Callable[[], int | None]) -> int:
+    """Run a command; map every failure to one stderr line and an exit status."""
+    from merging.errors import MergeError, SpecError
+
+    try:
+        return fn() or EXIT_OK
+    except KeyboardInterrupt:
+        return report_error("interrupted", "interrupted by user; nothing was published", EXIT_INTERRUPTED)
+    except UsageError as e:
+        return report_error("usage", str(e), EXIT_USAGE)
+    except SpecError as e:
+        _maybe_traceback()
+        return report_error(e.code, str(e), EXIT_USAGE)
+    except MergeError as e:
+        _maybe_traceback()
+        return report_error(e.code, str(e), EXIT_ERROR)
+    except BrokenPipeError:  # e.g. `submerge methods | head`
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except OSError:
+            pass
+        return EXIT_ERROR
+    except Exception as e:  # noqa: BLE001 - the CLI's last line of defence
+        _maybe_traceback()
+        msg = str(e)
+        return report_error("internal_error", f"{type(e).__name__}: {msg}" if msg else type(e).__name__, EXIT_ERROR)
+
+
+def _maybe_traceback() -> None:
+    if debug_enabled():
+        traceback.print_exc(file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------
+# formatting helpers
+
+
+def format_bytes(n: int | float) -> str:
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds < 0:
+        return "--:--"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+# ----------------------------------------------------------------------------------------
+# progress
+
+
+class ProgressReporter:
+    """Progress callback for ``merging.merge`` that draws on ``stream`` (stderr).
+
+    TTY: one line redrawn in place with ``\\r`` (phase, done/total, percent, bar, elapsed,
+    ETA of the phase, current tensor key), at most every ``min_interval`` seconds.
+    Not a TTY (logs, CI): one line when a phase starts and one per 10 % of the phase.
+    The ``inspect`` phase is reported when it finishes, so that a bad input fails with the
+    error line alone.
+    """
+
+    def __init__(self, stream: TextIO | None = None, *, tty: bool | None = None, min_interval: float = 0.1,
+                 clock: Callable[[], float] = time.monotonic, width: int | None = None):
+        self.stream = stream or sys.stderr
+        if tty is None:
+            try:
+                tty = self.stream.isatty()
+            except (AttributeError, ValueError):
+                tty = False
+        self.tty = tty
+        self.min_interval = min_interval
+        self.clock = clock
+        self.width = width
+        self.start = clock()
+        self.phase: str | None = None
+        self.phase_start = self.start
+        self.last_decile = -1
+        self.last_draw = float("-inf")
+        self.drawn = False  # a TTY line is on screen
+        self.finished = False
+
+    # the merge callback
+    def __call__(self, event: Any) -> None:
+        now = self.clock()
+        new_phase = event.phase != self.phase
+        if new_phase:
+            self.phase, self.phase_start, self.last_decile = event.phase, now, -1
+        if event.phase == "done":
+            self.finished = True
+        if self.tty:
+            if new_phase or event.phase == "done" or now - self.last_draw >= self.min_interval:
+                self._draw(event, now)
+        else:
+            self._log(event, now, new_phase)
+
+    def _fields(self, event: Any, now: float) -> tuple[str, str]:
+        total = max(int(event.total), 0)
+        done = min(max(int(event.done), 0), total) if total else 0
+        frac = done / total if total else 1.0
+        phase_elapsed = now - self.phase_start
+        eta = phase_elapsed * (total - done) / done if done and total else None
+        if event.phase == "done":
+            eta = 0.0
+        counts = f"{done}/{total} {100 * frac:3.0f}%"
+        times = f"elapsed {format_duration(now - self.start)} eta {format_duration(eta)}"
+        return counts, times
+
+    def _draw(self, event: Any, now: float) -> None:
+        counts, times = self._fields(event, now)
+        frac = event.fraction if event.total else 1.0
+        filled = int(20 * min(max(frac, 0.0), 1.0))
+        bar = "[" + "#" * filled + "." * (20 - filled) + "]"
+        line = f"{event.phase} {bar} {counts} {times}"
+        if event.key:
+            line += f" {event.key}"
+        elif event.message:
+            line += f" {event.message}"
+        width = self.width or shutil.get_terminal_size((100, 24)).columns
+        line = line[: max(width - 1, 10)]
+        self.stream.write("\r" + line + "\x1b[K")
+        self.stream.flush()
+        self.last_draw = now
+        self.drawn = True
+
+    def _log(self, event: Any, now: float, new_phase: bool) -> None:
+        total = int(event.total)
+        decile = int(10 * event.done / total) if total else 10
+        if new_phase:
+            self.last_decile = decile
+            if event.phase == "inspect" and event.done < total:
+                return  # reported when it finishes
+        elif total > 1 and decile > self.last_decile:
+            self.last_decile = decile
+        elif event.phase == "inspect" and total and event.done >= total:
+            pass
+        else:
+            return
+        counts, times = self._fields(event, now)
+        line = f"{PROG}: {event.phase} {counts} {times}"
+        if event.key:
+            line += f" {event.key}"
+        elif event.message:
+            line += f" ({event.message})"
+        print(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        """End the TTY line: keep it after a finished merge, erase it after a failure."""
+        if self.tty and self.drawn:
+            self.stream.write("\n" if self.finished else "\r\x1b[K")
+            self.stream.flush()
+            self.drawn = False
+
+
+# ----------------------------------------------------------------------------------------
+# merge
+
+
+def apply_overrides(spec, *, output: str | None = None, overwrite: bool = False, device: str | None = None,
+                    workers: int | None = None):
+    """The spec with command-line overrides applied (re-validated as a whole)."""
+    from merging.spec import load_spec
+
+    if output is None and not overwrite and device is None and workers is None:
+        return spec
+    data = spec.model_dump(mode="json", by_alias=True)
+    if output is not None:
+        data["output"]["uri"] = output
+    if overwrite:
+        data["output"]["overwrite"] = True
+    if device is not None:
+        data.setdefault("options", {})["device"] = device
+    if workers is not None:
+        data.setdefault("options", {})["workers"] = workers
+    return load_spec(data)
+
+
+def merge_summary(result, wall_s: float) -> dict[str, Any]:
+    """What a caller wants to know about a finished merge, derived from its manifest."""
+    from merging.io.writer import Publisher
+
+    m = result.manifest
+    return {
+        "output_uri": result.output_uri,
+        "method": m.get("method"),
+        "params": m.get("params", {}),
+        "device": m.get("device"),
+        "compute_dtype": m.get("compute_dtype"),
+        "tensors": m.get("coverage", {}),
+        "files": {name: dict(info) for name, info in result.files.items()},
+        "manifest": Publisher.MARKER,
+        "notes": m.get("notes", {}),
+        "timings_s": m.get("timings_s", {k: round(v, 3) for k, v in result.timings.items()}),
+        "wall_s": round(wall_s, 3),
+    }
+
+
+def format_merge_summary(s: dict[str, Any]) -> str:
+    cov = s["tensors"]
+    lines = [
+        f"merged {cov.get('total', 0)} tensors with {s['method']} into {s['output_uri']}",
+        f"  output    {s['output_uri']}",
+        f"  method    {s['method']} {json.dumps(s['params'], sort_keys=True)}",
+        f"  device    {s['device']} ({s['compute_dtype']})",
+        f"  tensors   {cov.get('total', 0)} total: {cov.get('merged', 0)} merged, {cov.get('copied', 0)} copied from the base",
+        "  files",
+    ]
+    files = s["files"]
+    w = max([len(n) for n in files] + [len(s["manifest"])])
+    for name, info in files.items():
+        lines.append(f"    {name:<{w}}  {format_bytes(info.get('size', 0)):>10}")
+    lines.append(f"    {s['manifest']:<{w}}  {'(manifest)':>10}")
+    total_size = sum(int(i.get("size", 0)) for i in files.values())
+    lines.append(f"    {'total':<{w}}  {format_bytes(total_size):>10}")
+    timings = ", ".join(f"{k} {v:.2f}s" for k, v in s["timings_s"].items() if k != "total")
+    lines.append(f"  time      {s['wall_s']:.2f}s wall" + (f" ({timings})" if timings else ""))
+    return "\n".join(lines)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from merging.engine import merge
+    from merging.spec import load_spec_file
+
+    spec = apply_overrides(load_spec_file(args.spec), output=args.output, overwrite=args.overwrite, device=args.device,
+                           workers=args.workers)
+    reporter = None if args.quiet else ProgressReporter(sys.stderr)
+    t0 = time.perf_counter()
+    try:
+        result = merge(spec, progress=reporter)
+    finally:
+        if reporter is not None:
+            reporter.close()
+    summary = merge_summary(result, time.perf_counter() - t0)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(format_merge_summary(summary))
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------
+# validate
+
+
+def plan_summary(spec, plan, base, experts) -> dict[str, Any]:
+    merged = [p for p in plan if p.action == "merge"]
+    copied = [p for p in plan if p.action == "copy"]
+    out_bytes = 0
+    for p in plan:
+        n = 1
+        for d in p.shape:
+            n *= int(d)
+        out_bytes += n * p.out_dtype.itemsize
+    return {
+        "method": spec.method,
+        "params": spec.method_params().model_dump(mode="json", by_alias=True),
+        "base": {"uri": spec.base.uri, "format": base.format, "files": len(base.data_files())},
+        "experts": [{"name": n, "uri": r.uri, "format": c.format} for n, r, c in zip(spec.expert_names(), spec.experts, experts)],
+        "output": {"uri": spec.output.uri, "dtype": spec.output.dtype, "shard_size": spec.output.shard_size,
+                   "overwrite": spec.output.overwrite},
+        "tensors": {"total": len(plan), "merged": len(merged), "copied": len(copied)},
+        "roles": dict(Counter(p.role.role.value for p in plan).most_common()),
+        "roles_merged": dict(Counter(p.role.role.value for p in merged).most_common()),
+        "copied": [{"key": p.key, "reason": p.reason} for p in copied],
+        "output_bytes": out_bytes,
+        "warnings": [],
+    }
+
+
+def format_plan_summary(s: dict[str, Any]) -> str:
+    t = s["tensors"]
+    lines = [
+        f"spec ok: {s['method']} {json.dumps(s['params'], sort_keys=True)}",
+        f"  base      {s['base']['uri']} ({s['base']['format']}, {s['base']['files']} file(s))",
+        f"  experts   {len(s['experts'])}: " + ", ".join(f"{e['name']}={e['uri']}" for e in s["experts"]),
+        f"  output    {s['output']['uri']} (dtype {s['output']['dtype']}, ~{format_bytes(s['output_bytes'])})",
+        f"  plan      {t['total']} tensors: {t['merged']} merged, {t['copied']} copied",
+        "  roles     " + (", ".join(f"{r} {n}" for r, n in s["roles"].items()) or "-"),
+    ]
+    for c in s["copied"][:10]:
+        lines.append(f"  copy      {c['key']} ({c['reason']})")
+    if len(s["copied"]) > 10:
+        lines.append(f"  copy      ... and {len(s['copied']) - 10} more")
+    for w in s["warnings"]:
+        lines.append(f"  warning   {w}")
+    return "\n".join(lines)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from merging.engine import preflight
+    from merging.spec import load_spec_file
+
+    spec = apply_overrides(load_spec_file(args.spec), output=args.output, overwrite=args.overwrite)
+    pf = preflight(spec)  # the same checks merge() makes before reading a tensor
+    summary = plan_summary(pf.spec, pf.plan, pf.base, pf.experts)
+    if pf.output_problem:
+        summary["warnings"].append(f"{pf.output_problem}: merge will fail unless run with --overwrite")
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(format_plan_summary(summary))
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------
+# methods
+
+
+def _schema_type(prop: dict[str, Any]) -> str:
+    if "enum" in prop:
+        return "|".join(json.dumps(v) for v in prop["enum"])
+    if "$ref" in prop:
+        return "object"
+    if "anyOf" in prop:
+        return " or ".join(_schema_type(p) for p in prop["anyOf"])
+    t = prop.get("type", "any")
+    if t == "array":
+        return f"list[{_schema_type(prop.get('items', {}))}]"
+    return {"number": "float", "integer": "int", "boolean": "bool", "string": "str"}.get(t, t)
+
+
+def method_infos() -> list[dict[str, Any]]:
+    """``describe_methods()`` with a flat parameter list, keyed by the names a spec uses."""
+    from merging.registry import describe_methods
+
+    out = []
+    for m in describe_methods():
+        schema = m.get("params_schema", {})
+        required = set(schema.get("required", []))
+        params, defaults = [], {}
+        for name, prop in schema.get("properties", {}).items():
+            entry: dict[str, Any] = {"name": name, "type": _schema_type(prop), "description": prop.get("description", "")}
+            if "default" in prop:
+                entry["default"] = defaults[name] = prop["default"]
+            elif name in m.get("defaults", {}):
+                entry["default"] = defaults[name] = m["defaults"][name]
+            if name in required:
+                entry["required"] = True
+            params.append(entry)
+        out.append({"id": m["id"], "summary": m.get("summary", ""), "defaults": defaults, "params": params,
+                    "params_schema": schema})
+    return out
+
+
+def format_methods(infos: list[dict[str, Any]]) -> str:
+    lines = []
+    for m in infos:
+        lines.append(f"{m['id']}: {m['summary']}")
+        w = max([len(p["name"]) for p in m["params"]] + [1])
+        for p in m["params"]:
+            default = "(required)" if p.get("required") else f"= {json.dumps(p.get('default'))}"
+            lines.append(f"    {p['name']:<{w}} {default:<10} {p['type']}. {p['description']}".rstrip())
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    infos = method_infos()
+    if args.json:
+        print(json.dumps(infos, indent=2))
+    else:
+        print(format_methods(infos))
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------
+# parser
+
+
+def add_subcommands(subparsers) -> None:
+    """Mount ``merge``, ``validate`` and ``methods`` on an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "merge", help="run a merge job from a spec file",
+        description="Run a merge job described by a JSON (.json) or YAML (.yaml/.yml) spec file. "
+                    "Progress goes to stderr, the summary to stdout.")
+    p.add_argument("spec", metavar="SPEC", help="spec file: .json is read as JSON, anything else as YAML")
+    p.add_argument("-o", "--output", metavar="URI", help="override output.uri (local path, file:// or s3://)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model at the output URI")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="override options.device")
+    p.add_argument("--workers", type=int, metavar="N", help="override options.workers (tensors merged concurrently on CPU)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_merge)
+
+    p = subparsers.add_parser(
+        "validate", help="check a spec and the checkpoint headers, print the plan",
+        description="Validate a spec and read the checkpoints' headers only (no tensor data); print the merge plan.")
+    p.add_argument("spec", metavar="SPEC", help="spec file (.json or .yaml)")
+    p.add_argument("-o", "--output", metavar="URI", help="override output.uri")
+    p.add_argument("--overwrite", action="store_true", help="as for merge")
+    p.add_argument("--json", action="store_true", help="print the plan summary as JSON")
+    p.set_defaults(func=cmd_validate)
+
+    p = subparsers.add_parser("methods", help="list merge methods and their parameters",
+                              description="List every registered merge method with its parameters and defaults.")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.set_defaults(func=cmd_methods)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from merging import __version__
+
+    parser = OneLineParser(prog=PROG, description="submerge: merge fine-tuned checkpoints of one base model.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_subcommands(sub)
+    return parser
+
+
+def dispatch(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    """Parse and run with the one-line error contract."""
+    def _run() -> int:
+        args = parser.parse_args(argv)
+        return args.func(args)
+    return run_guarded(_run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return dispatch(build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

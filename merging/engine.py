@@ -1,0 +1,466 @@
+"""The streaming merge engine: plan, (pre-passes), merge pass, deferred rescale, publish.
+
+Memory: at any time the engine holds one key's base tensor, its T expert tensors and their
+task vectors (plus what the method needs for that key). Output is written at precomputed
+offsets as it is produced, so no output shard is buffered either.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import datetime as _dt
+import fnmatch
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from merging import __version__
+from merging.errors import CancelledError, IncompatibleCheckpointsError, MergeError, NonFiniteInputError, OutputError, SpecError
+from merging.io.checkpoint import Checkpoint, open_checkpoint
+from merging.io.sources import IOConfig, redact_uri
+from merging.io.writer import Publisher, ShardedWriter, sha256_file
+from merging.methods.base import MergeContext, MergeMethod, TensorJob
+from merging.registry import get_method
+from merging.roles import NON_MATRIX_2D_ROLES, RoleInfo, resolve_role
+from merging.spec import MergeSpec, load_spec
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass
+class ProgressEvent:
+    phase: str  # inspect | prepass | merge | rescale | finalize | publish | done
+    done: int
+    total: int
+    key: str | None = None
+    message: str | None = None
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else 1.0
+
+
+@dataclass
+class PlanItem:
+    key: str
+    role: RoleInfo
+    shape: tuple[int, ...]
+    in_dtype: torch.dtype
+    out_dtype: torch.dtype
+    action: str  # "merge" or "copy"
+    reason: str | None = None
+
+
+@dataclass
+class MergeResult:
+    output_uri: str
+    files: dict[str, dict[str, Any]]
+    manifest: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+    diagnostics: dict[str, Any] | None = None  # the data-free diagnostics report (also in diagnostics.json)
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SpecError("options.device: 'cuda' requested but torch sees no GPU")
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def open_inputs(spec: MergeSpec, cfg: IOConfig) -> tuple[Checkpoint, list[Checkpoint]]:
+    base = open_checkpoint(spec.base.uri, "base", cfg, spec.base.revision)
+    experts = []
+    try:
+        for name, ref in zip(spec.expert_names(), spec.experts):
+            experts.append(open_checkpoint(ref.uri, f"expert {name!r}", cfg, ref.revision))
+    except Exception:
+        base.close()
+        for e in experts:
+            e.close()
+        raise
+    return base, experts
+
+
+def build_plan(spec: MergeSpec, base: Checkpoint, experts: list[Checkpoint]) -> list[PlanItem]:
+    """Check that every expert matches the base key for key (names, shapes, dtypes); decide each key's action."""
+    base_keys = set(base.metas)
+    for ex in experts:
+        missing = [k for k in base.metas if k not in ex.metas]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise IncompatibleCheckpointsError(f"{ex.label} is missing tensor {missing[0]!r}{more} that the base has")
+        extra = [k for k in ex.metas if k not in base_keys]
+        if extra:
+            more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+            raise IncompatibleCheckpointsError(f"{ex.label} has tensor {extra[0]!r}{more} that the base lacks")
+        for k, m in base.metas.items():
+            em = ex.metas[k]
+            if em.shape != m.shape:
+                raise IncompatibleCheckpointsError(f"tensor {k!r}: {ex.label} has shape {list(em.shape)}, base has {list(m.shape)}")
+            if em.dtype != m.dtype:
+                raise IncompatibleCheckpointsError(f"tensor {k!r}: {ex.label} has dtype {em.dtype_name}, base has {m.dtype_name}")
+    overrides = spec.role_overrides()
+    requested = spec.output.dtype
+    plan = []
+    # Read in file order: sequential I/O on every checkpoint.
+    for key in sorted(base.metas, key=lambda k: (base.metas[k].file, base.metas[k].start)):
+        m = base.metas[key]
+        role = resolve_role(key, m.shape, overrides)
+        if not m.dtype.is_floating_point:
+            plan.append(PlanItem(key, role, m.shape, m.dtype, m.dtype, "copy", "non-floating tensor: kept from base"))
+            continue
+        out = m.dtype if requested == "auto" else _DTYPES[requested]
+        passthrough = next((p for p in spec.passthrough if fnmatch.fnmatchcase(key, p)), None)
+        if passthrough:
+            plan.append(PlanItem(key, role, m.shape, m.dtype, out, "copy", f"passthrough pattern {passthrough!r}"))
+        else:
+            plan.append(PlanItem(key, role, m.shape, m.dtype, out, "merge"))
+    return plan
+
+
+class _Progress:
+    def __init__(self, callback: Callable[[ProgressEvent], Any] | None, should_cancel: Callable[[], bool] | None):
+        self.callback = callback
+        self.should_cancel = should_cancel
+
+    def __call__(self, phase: str, done: int, total: int, key: str | None = None, message: str | None = None) -> None:
+        if self.should_cancel is not None and self.should_cancel():
+            raise CancelledError("merge cancelled")
+        if self.callback is not None:
+            self.callback(ProgressEvent(phase, done, total, key, message))
+
+
+class _Loader:
+    """Reads one key from every checkpoint and forms the task vectors on the compute device."""
+
+    def __init__(self, base: Checkpoint, experts: list[Checkpoint], device: torch.device, dtype: torch.dtype, check_finite: bool):
+        self.base, self.experts, self.device, self.dtype, self.check_finite = base, experts, device, dtype, check_finite
+
+    def _explain_non_finite(self, key: str) -> None:
+        for ckpt in (self.base, *self.experts):
+            self._read(ckpt, key)  # raises naming the checkpoint if its stored values are NaN/Inf
+        raise NonFiniteInputError(f"tensor {key!r} overflows {str(self.dtype).removeprefix('torch.')} when converted "
+                                  "for computation (set options.compute_dtype to float64)")
+
+    def _read(self, ckpt: Checkpoint, key: str) -> torch.Tensor:
+        t = ckpt.read(key)
+        if self.check_finite and t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise NonFiniteInputError(f"tensor {key!r} in {ckpt.label} has {bad} NaN/Inf value(s)")
+        return t
+
+    def load(self, item: PlanItem, index: int) -> tuple[torch.Tensor, TensorJob]:
+        base = self.base.read(item.key).to(self.device, self.dtype)
+        taus = torch.empty((len(self.experts), *item.shape), dtype=self.dtype, device=self.device)
+        direct = self.device.type == "cpu" and item.in_dtype == self.dtype  # read straight into the final buffer
+        for i, ex in enumerate(self.experts):
+            if direct:
+                ex.read(item.key, out=taus[i])
+            else:
+                taus[i] = ex.read(item.key).to(self.device, self.dtype)
+        taus -= base
+        # NaN/Inf in any input makes the sum non-finite: one fused pass over the task vectors and the
+        # base. (A finite but huge sum also fails this; then the exact check below decides.)
+        if self.check_finite and not bool(torch.isfinite(taus.sum() + base.sum())):
+            if not (bool(torch.isfinite(base).all()) and bool(torch.isfinite(taus).all())):
+                self._explain_non_finite(item.key)
+        if item.role.transposed and len(item.shape) == 2:
+            base, taus = base.mT, taus.mT
+        return base, TensorJob(item.key, item.role, taus, index)
+
+
+def _finish(base: torch.Tensor, merged: torch.Tensor, coefficient: float, item: PlanItem) -> torch.Tensor:
+    out = base + coefficient * merged
+    if item.role.transposed and len(item.shape) == 2:
+        out = out.mT
+    return out
+
+
+@dataclass
+class Preflight:
+    """What merge() establishes before reading any tensor (see ``preflight``)."""
+    spec: MergeSpec
+    plan: list[PlanItem]
+    base: Checkpoint  # closed: metadata only
+    experts: list[Checkpoint]
+    output_problem: str | None  # why publishing would fail (e.g. the target exists), or None
+
+
+def _prepare(spec: MergeSpec, cfg: IOConfig):
+    """Open headers, build the plan, open calibration, run the method's pre-flight check."""
+    params = spec.method_params()
+    method_cls = get_method(spec.method)
+    device = pick_device(spec.options.device)
+    base, experts = open_inputs(spec, cfg)
+    try:
+        plan = build_plan(spec, base, experts)
+        calibration = None
+        if method_cls.needs_calibration:
+            from merging.calibration import open_calibration
+            calibration = open_calibration(spec, cfg)
+        ctx = MergeContext(spec.expert_names(), device, _DTYPES[spec.options.compute_dtype], calibration)
+        method: MergeMethod = method_cls(params, ctx)
+        method.check_plan([(p.key, p.role, p.shape) for p in plan if p.action == "merge"])
+    except BaseException:
+        for ck in (base, *experts):
+            ck.close()
+        raise
+    return base, experts, plan, ctx, method
+
+
+def preflight(spec: MergeSpec | dict, io: IOConfig | None = None) -> Preflight:
+    """Every check merge() makes before reading a tensor, with no side effects: the spec, the
+    checkpoint headers (keys, shapes, dtypes), the plan and roles, calibration coverage, the
+    method's own checks, and whether the output target can be published to."""
+    spec = load_spec(spec)
+    cfg = io or IOConfig()
+    base, experts, plan, _, _ = _prepare(spec, cfg)
+    for ck in (base, *experts):
+        ck.close()
+    problem = None
+    try:
+        Publisher(spec.output.uri, cfg, spec.output.overwrite).check_target()
+    except MergeError as e:
+        problem = e.message
+    return Preflight(spec, plan, base, experts, problem)
+
+
+def merge(spec: MergeSpec | dict, progress: Callable[[ProgressEvent], Any] | None = None, *,
+          io: IOConfig | None = None, should_cancel: Callable[[], bool] | None = None) -> MergeResult:
+    """Run a merge job end to end. Raises a ``MergeError`` (with ``code``) on any bad input.
+
+    On any failure nothing is published at ``output.uri`` and the staging area is removed.
+    """
+    spec = load_spec(spec)
+    cfg = io or IOConfig()
+    emit = _Progress(progress, should_cancel)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    emit("inspect", 0, 1, message="reading checkpoint headers")
+    publisher = Publisher(spec.output.uri, cfg, spec.output.overwrite)
+    base = experts = None
+    hasher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+    try:
+        publisher.check_target()
+        base, experts, plan, ctx, method = _prepare(spec, cfg)
+        device, dtype = ctx.device, ctx.dtype
+        params = method.params
+        merged_items = [p for p in plan if p.action == "merge"]
+        collector = _collector(spec, params, plan)
+        publisher.stage()
+        timings["inspect"] = time.perf_counter() - t0
+        emit("inspect", 1, 1)
+
+        input_hashes = {ck.label: {name: hasher.submit(lambda loc=loc: sha256_file(loc.local_path())) for name, loc in ck.data_files().items()}
+                        for ck in [base, *experts]}
+
+        writer = ShardedWriter(publisher.staging, [(p.key, p.out_dtype, p.shape) for p in plan], spec.output.shard_size)
+        loader = _Loader(base, experts, device, dtype, spec.options.check_finite)
+        with torch.no_grad():
+            for p_index in range(method.prepasses):
+                t = time.perf_counter()
+                for i, item in enumerate(merged_items):
+                    emit(f"prepass {p_index + 1}/{method.prepasses}", i, len(merged_items), item.key)
+                    method.observe(p_index, loader.load(item, i)[1])
+                method.end_pass(p_index)
+                timings[f"prepass{p_index + 1}"] = time.perf_counter() - t
+
+            t = time.perf_counter()
+            spill_dir = os.path.join(publisher.staging, ".spill")
+            deferred: dict[str, tuple[str, PlanItem, str, float]] = {}
+            norms: dict[str, dict[str, float]] = {}
+            coverage = []
+
+            def compute(item: PlanItem, base_t: torch.Tensor, job: TensorJob):
+                merged = method.merge(job)
+                if not bool(torch.isfinite(merged).all()):
+                    raise MergeError(f"method {spec.method!r} produced NaN/Inf for tensor {item.key!r}", code="numerical_failure")
+                if collector is not None:
+                    collector.observe(job, merged)
+                coefficient = method.coefficient(job)
+                group = method.rescale_group(job)
+                if group is None:
+                    return _finish(base_t, merged, coefficient, item).cpu(), coefficient, group, None
+                return merged.cpu(), coefficient, group, float(torch.linalg.vector_norm(merged))
+
+            def store(i: int, item: PlanItem, result) -> None:
+                tensor, coefficient, group, norm = result
+                if group is None:
+                    writer.write(item.key, tensor)
+                else:  # keep τ on disk until every layer of its group is known
+                    os.makedirs(spill_dir, exist_ok=True)
+                    path = os.path.join(spill_dir, f"{i}.pt")
+                    torch.save(tensor, path)
+                    norms.setdefault(group, {})[item.key] = norm
+                    deferred[item.key] = (path, item, group, coefficient)
+                coverage.append(_coverage(item, "merged", coefficient=coefficient, group=group))
+
+            # The main thread reads inputs and writes outputs in plan order; a small pool merges
+            # up to `workers` tensors at once, each single-threaded.
+            workers = spec.options.workers or 1
+            pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merge") if workers > 1 else None
+            pending: list[tuple[int, PlanItem, concurrent.futures.Future]] = []
+            prev_threads = torch.get_num_threads()
+            if pool is not None:
+                torch.set_num_threads(1)
+            try:
+                for i, item in enumerate(plan):
+                    emit("merge", i, len(plan), item.key)
+                    if item.action == "copy":
+                        while pending:  # keep the coverage list in plan order
+                            j, it, fut = pending.pop(0)
+                            store(j, it, fut.result())
+                        writer.write(item.key, base.read(item.key))
+                        coverage.append(_coverage(item, "copied"))
+                        continue
+                    base_t, job = loader.load(item, i)
+                    if pool is None:
+                        store(i, item, compute(item, base_t, job))
+                        continue
+                    pending.append((i, item, pool.submit(compute, item, base_t, job)))
+                    del base_t, job
+                    while len(pending) >= workers:
+                        j, it, fut = pending.pop(0)
+                        store(j, it, fut.result())
+                while pending:
+                    j, it, fut = pending.pop(0)
+                    store(j, it, fut.result())
+            finally:
+                if pool is not None:
+                    for _, _, fut in pending:
+                        fut.cancel()
+                    pool.shutdown(wait=True)
+                    torch.set_num_threads(prev_threads)
+            emit("merge", len(plan), len(plan))
+            timings["merge"] = time.perf_counter() - t
+
+            if deferred:
+                t = time.perf_counter()
+                factors = method.group_factors(norms)
+                if collector is not None:
+                    collector.rescale(factors)
+                for j, (key, (path, item, group, coefficient)) in enumerate(deferred.items()):
+                    emit("rescale", j, len(deferred), key)
+                    merged = torch.load(path, weights_only=True).to(device)
+                    base_t = loader._read(base, key).to(device, dtype)
+                    if item.role.transposed and len(item.shape) == 2:
+                        base_t = base_t.mT
+                    writer.write(key, _finish(base_t, merged * factors.get(key, 1.0), coefficient, item))
+                    os.unlink(path)
+                os.rmdir(spill_dir)
+                timings["rescale"] = time.perf_counter() - t
+
+        emit("finalize", 0, 1, message="hashing and writing manifest")
+        t = time.perf_counter()
+        names = writer.close()
+        diagnostics = None
+        if collector is not None:
+            diagnostics = collector.finish()
+            # The artifact is a pure function of the inputs (like the model); what the analysis cost
+            # goes to merge.json's timings instead.
+            cost = diagnostics.pop("cost_s", {})
+            timings["diagnostics_cpu"] = float(cost.get("total", 0.0))
+            with open(os.path.join(publisher.staging, "diagnostics.json"), "w") as f:
+                json.dump(diagnostics, f, indent=1)
+            names.append("diagnostics.json")
+            diagnostics["cost_s"] = cost
+        for name, loc in base.side_files.items():
+            with open(os.path.join(publisher.staging, name), "wb") as f:
+                f.write(loc.read_all())
+            names.append(name)
+        files = {n: {"sha256": sha256_file(os.path.join(publisher.staging, n)), "size": os.path.getsize(os.path.join(publisher.staging, n))} for n in names}
+        inputs = []
+        for ck, ref in zip([base, *experts], [spec.base, *spec.experts]):
+            inputs.append({"name": ck.label, "uri": redact_uri(ref.uri), "revision": ref.revision, "format": ck.format,
+                           "files": {n: f.result() for n, f in input_hashes[ck.label].items()}})
+        manifest = {
+            "format": "submerge.merge/1",
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "software": {"submerge": __version__, "torch": torch.__version__},
+            "method": spec.method,
+            "params": params.model_dump(mode="json", by_alias=True),
+            "spec": _redacted_spec(spec),
+            "device": str(device), "compute_dtype": spec.options.compute_dtype,
+            "inputs": inputs,
+            "files": files,
+            "coverage": {"total": len(plan), "merged": sum(1 for c in coverage if c["action"] == "merged"),
+                         "copied": sum(1 for c in coverage if c["action"] == "copied")},
+            "tensors": coverage,
+            "notes": ctx.notes,
+        }
+        with open(os.path.join(publisher.staging, "README.md"), "w") as f:
+            f.write(model_card(manifest))
+        files["README.md"] = {"sha256": sha256_file(os.path.join(publisher.staging, "README.md")),
+                              "size": os.path.getsize(os.path.join(publisher.staging, "README.md"))}
+        timings["finalize"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - t0
+        manifest["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+        with open(os.path.join(publisher.staging, Publisher.MARKER), "w") as f:
+            json.dump(manifest, f, indent=1)
+        emit("publish", 0, 1)
+        publisher.publish([*files, Publisher.MARKER])
+        emit("done", 1, 1)
+        return MergeResult(spec.output.uri, files, manifest, timings, diagnostics)
+    except BaseException as e:
+        publisher.abort()
+        if isinstance(e, OSError) and not isinstance(e, MergeError):
+            raise OutputError(f"I/O error while merging: {e}") from e
+        raise
+    finally:
+        hasher.shutdown(wait=False, cancel_futures=True)
+        for ck in [base, *(experts or [])]:
+            if ck is not None:
+                ck.close()
+
+
+def _collector(spec: MergeSpec, params, plan: list[PlanItem]):
+    """The diagnostics collector for this job (None when diagnostics are off)."""
+    if spec.options.diagnostics == "off":
+        return None
+    from merging.diagnostics.collector import DiagnosticsCollector
+    matrix_keys = [p.key for p in plan if p.action == "merge" and len(p.shape) == 2 and p.role.role not in NON_MATRIX_2D_ROLES]
+    full = spec.options.diagnostics == "full"
+    return DiagnosticsCollector(spec.method, params.model_dump(mode="json", by_alias=True), spec.expert_names(),
+                                max_svd_layers=len(matrix_keys) if full else 24, plan_keys=matrix_keys,
+                                svd_fraction=1.0 if full else 0.08)  # 8%: ViT-B/16 → 4 layers, one per role
+
+
+def _redacted_spec(spec: MergeSpec) -> dict:
+    """The spec as recorded in merge.json and the model card: URIs without credentials or signatures."""
+    data = spec.model_dump(mode="json", by_alias=True)
+    for ref in [data["base"], data["output"], *data["experts"], *(e["calibration"] for e in data["experts"] if e.get("calibration"))]:
+        ref["uri"] = redact_uri(ref["uri"])
+    if data.get("callback_url"):
+        data["callback_url"] = redact_uri(data["callback_url"])
+    return data
+
+
+def _coverage(item: PlanItem, action: str, **extra) -> dict:
+    row = {"key": item.key, "shape": list(item.shape), "dtype": str(item.out_dtype).removeprefix("torch."),
+           "role": item.role.role.value, "transposed": item.role.transposed, "role_source": item.role.source, "action": action}
+    if item.reason:
+        row["reason"] = item.reason
+    row.update({k: v for k, v in extra.items() if v is not None})
+    return row
+
+
+def model_card(manifest: dict) -> str:
+    lines = [
+        "---", "tags: [merge, submerge]", "---", "",
+        f"# Merged model ({manifest['method']})", "",
+        f"Merged with submerge {manifest['software']['submerge']} (torch {manifest['software']['torch']}) on {manifest['created']}.", "",
+        "## Method", "", f"`{manifest['method']}` with parameters:", "", "```json", json.dumps(manifest["params"], indent=2), "```", "",
+        "## Inputs", "", "| role | URI | file | sha256 |", "|---|---|---|---|",
+    ]
+    for inp in manifest["inputs"]:
+        for name, digest in inp["files"].items():
+            lines.append(f"| {inp['name']} | `{inp['uri']}` | {name} | `{digest}` |")
+    cov = manifest["coverage"]
+    lines += ["", "## Coverage", "", f"{cov['total']} tensors: {cov['merged']} merged, {cov['copied']} copied from the base. "
+              "The full per-tensor list (with the layer role each tensor got) is in `merge.json`.", ""]
+    return "\n".join(lines)

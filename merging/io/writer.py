@@ -1,0 +1,274 @@
+"""Streaming output: HF-style shards written tensor by tensor, then published atomically.
+
+The plan fixes every output tensor's key, dtype and shape before the merge starts, so each
+shard's header (with all offsets) is written first and tensors land at their offsets as
+they are produced, in any order. Nothing is buffered beyond the tensor being written.
+
+The layout (which shard holds a tensor, and where) depends only on the output tensors' keys,
+dtypes and shapes, in natural key order (``layers.2`` before ``layers.10``), not on the order
+the engine produces them in or on how the inputs were sharded: the same merge gives
+byte-identical files.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import posixpath
+import re
+import shutil
+import uuid
+
+import torch
+
+from merging.errors import OutputError, UnreadableURIError
+from merging.io.safetensors_format import build_header
+from merging.io.sources import WRITABLE_SCHEMES, IOConfig, Location, copy_local_to, split_scheme
+
+
+def natural_key(key: str) -> tuple:
+    """Sort key that orders embedded numbers by value: ``layers.2`` < ``layers.10``."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", key) if p)
+
+
+class ShardedWriter:
+    def __init__(self, directory: str, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], shard_size: int,
+                 metadata: dict[str, str] | None = None):
+        self.directory = directory
+        keys = [e[0] for e in entries]
+        if len(set(keys)) != len(keys):
+            raise OutputError("internal: duplicate output tensor keys")
+        shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
+        current = 0
+        for entry in sorted(entries, key=lambda e: natural_key(e[0])):
+            size = math.prod(entry[2]) * entry[1].itemsize
+            if shards[-1] and current + size > shard_size:
+                shards.append([])
+                current = 0
+            shards[-1].append(entry)
+            current += size
+        n = len(shards)
+        self.filenames = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.location: dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]] = {}  # key -> (shard, offset, dtype, shape)
+        self._files = []
+        self.total_size = 0
+        try:
+            for i, (name, shard) in enumerate(zip(self.filenames, shards)):
+                header, offsets = build_header(shard, metadata)
+                f = open(os.path.join(directory, name), "w+b")
+                self._files.append(f)
+                f.write(header)
+                data = sum(math.prod(s) * d.itemsize for _, d, s in shard)
+                f.truncate(len(header) + data)
+                self.total_size += data
+                for key, dtype, shape in shard:
+                    self.location[key] = (i, offsets[key], dtype, shape)
+        except BaseException:
+            self.abort()
+            raise
+        self.written: set[str] = set()
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        shard, offset, dtype, shape = self.location[key]
+        if tuple(tensor.shape) != shape:
+            raise OutputError(f"internal: tensor {key!r} has shape {list(tensor.shape)}, planned {list(shape)}")
+        t = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
+        f = self._files[shard]
+        f.seek(offset)
+        if t.numel():
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        self.written.add(key)
+
+    def close(self) -> list[str]:
+        """Close all shards; write the index for sharded output. Returns the file names written."""
+        missing = [k for k in self.location if k not in self.written]
+        for f in self._files:
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        if missing:
+            raise OutputError(f"internal: {len(missing)} planned tensors were never written, e.g. {missing[0]!r}")
+        names = list(self.filenames)
+        if len(self.filenames) > 1:
+            index = {"metadata": {"total_size": self.total_size},
+                     "weight_map": {k: self.filenames[v[0]] for k, v in sorted(self.location.items())}}
+            with open(os.path.join(self.directory, "model.safetensors.index.json"), "w") as f:
+                json.dump(index, f, indent=2)
+            names.append("model.safetensors.index.json")
+        return names
+
+    def abort(self) -> None:
+        for f in self._files:
+            if not f.closed:
+                f.close()
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Publisher:
+    """Stages output locally, then publishes it to ``uri`` so that nothing half-written looks finished.
+
+    Local targets: the staging directory sits beside the target and is renamed into place
+    (atomic on one filesystem); parent directories this publisher created are removed again if
+    the merge fails. Remote targets (s3://): files are staged under the cache directory and
+    uploaded, ``merge.json`` last; a directory without ``merge.json`` is not a finished model.
+    When replacing a remote model, its ``merge.json`` is removed first and files of the old
+    model that the new one does not have are removed after the upload. A failed upload removes
+    what it wrote.
+    """
+
+    MARKER = "merge.json"
+
+    def __init__(self, uri: str, cfg: IOConfig, overwrite: bool):
+        scheme = split_scheme(uri)[0]
+        if scheme not in WRITABLE_SCHEMES:
+            raise OutputError(f"output.uri: cannot write to {uri} (use a local path, file:// or s3://)")
+        try:
+            self.target = Location(uri, cfg)
+        except UnreadableURIError as e:
+            raise OutputError(f"output.uri: {e.message}") from None
+        self.overwrite = overwrite
+        self.cfg = cfg
+        self.staging: str | None = None
+        self._created: list[str] = []  # parent directories made for a local target
+        if not self.target.remote:
+            final = self.target.path.rstrip(os.sep)
+            if not final or final == os.sep:
+                raise OutputError(f"output.uri: {uri} is not a usable output directory")
+
+    def stage(self) -> str:
+        """Create the staging directory: beside a local target (same filesystem, so publishing is
+        a rename), under the cache directory for a remote one. Separate from __init__ so that
+        pre-flight checks have no side effects."""
+        cfg = self.cfg
+        if self.target.remote:
+            import tempfile
+            try:
+                os.makedirs(cfg.cache_dir, exist_ok=True)
+                self.staging = tempfile.mkdtemp(prefix="submerge-out-", dir=cfg.cache_dir)
+            except OSError as e:
+                raise OutputError(f"output.uri: cannot create a staging directory in {cfg.cache_dir} ({e.strerror})") from None
+        else:
+            final = self.target.path.rstrip(os.sep)
+            parent = os.path.dirname(final) or "."
+            try:
+                self._makedirs(parent)
+                self.staging = os.path.join(parent, f".{os.path.basename(final)}.partial-{uuid.uuid4().hex[:12]}")
+                os.makedirs(self.staging)
+            except OSError as e:
+                self._remove_created()
+                raise OutputError(f"output.uri: cannot create {parent} ({e.strerror})") from None
+        return self.staging
+
+    def _makedirs(self, path: str) -> None:
+        missing = []
+        while path and not os.path.isdir(path):
+            missing.append(path)
+            up = os.path.dirname(path)
+            if up == path:
+                break
+            path = up
+        for d in reversed(missing):
+            os.mkdir(d)
+            self._created.append(d)
+
+    def _remove_created(self) -> None:
+        for d in reversed(self._created):
+            try:
+                os.rmdir(d)  # only if still empty
+            except OSError:
+                break
+        self._created.clear()
+
+    def _remote_listing(self) -> list[str]:
+        try:
+            return [posixpath.basename(p.rstrip("/")) for p in self.target.fs.ls(self.target.path, detail=False)
+                    if p.rstrip("/") != self.target.path.rstrip("/")]
+        except FileNotFoundError:
+            return []
+        except Exception as e:
+            raise OutputError(f"output.uri: cannot list {self.target.uri} ({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+    def check_target(self) -> None:
+        """Fail before any work if the target cannot be written or exists and may not be replaced."""
+        if self.target.remote:
+            bucket = self.target.path.split("/", 1)[0]
+            try:
+                self.target.fs.info(bucket)
+            except FileNotFoundError:
+                raise OutputError(f"output.uri: bucket {bucket!r} of {self.target.uri} does not exist") from None
+            except Exception:
+                pass  # no permission to look at the bucket itself: the upload will tell
+            if self.overwrite:
+                return
+            names = self._remote_listing()
+            if self.MARKER in names:
+                raise OutputError(f"output.uri: {self.target.uri} already holds a merged model (set output.overwrite to replace it)")
+            if names:
+                raise OutputError(f"output.uri: {self.target.uri} already exists and is not empty (set output.overwrite to replace it)")
+            return
+        if self.overwrite:
+            return
+        path = self.target.path
+        if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+            raise OutputError(f"output.uri: {self.target.uri} already exists and is not empty (set output.overwrite to replace it)")
+
+    def publish(self, names: list[str]) -> None:
+        if self.target.remote:
+            self._publish_remote(names)
+            return
+        final = self.target.path.rstrip(os.sep)
+        trash = None
+        if os.path.lexists(final):
+            if not self.overwrite and (not os.path.isdir(final) or os.listdir(final)):
+                raise OutputError(f"output.uri: {self.target.uri} appeared while merging; not replacing it")
+            trash = f"{final}.old-{uuid.uuid4().hex[:12]}"
+            os.rename(final, trash)
+        try:
+            os.rename(self.staging, final)
+        except OSError:
+            if trash:
+                os.rename(trash, final)
+            raise
+        self._created.clear()
+        if trash:
+            shutil.rmtree(trash, ignore_errors=True) if os.path.isdir(trash) and not os.path.islink(trash) else os.unlink(trash)
+
+    def _publish_remote(self, names: list[str]) -> None:
+        old = self._remote_listing() if self.overwrite else []
+        if not self.overwrite and self.MARKER in self._remote_listing():
+            raise OutputError(f"output.uri: {self.target.uri} appeared while merging; not replacing it")
+        if self.MARKER in old:  # the old model stops being "finished" before any of its files change
+            self.target.child(self.MARKER).remove()
+        uploaded = []
+        try:
+            for name in sorted(names, key=lambda n: n == self.MARKER):
+                copy_local_to(os.path.join(self.staging, name), self.target.child(name))
+                uploaded.append(name)
+        except Exception as e:
+            for name in uploaded:
+                try:
+                    self.target.fs.rm(self.target.child(name).path)
+                except Exception:
+                    pass
+            if isinstance(e, UnreadableURIError):
+                raise OutputError(f"output.uri: upload failed: {e.message}") from None
+            raise
+        for name in sorted(set(old) - set(names)):
+            try:
+                self.target.child(name).remove()
+            except Exception:
+                pass
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def abort(self) -> None:
+        if self.staging:
+            shutil.rmtree(self.staging, ignore_errors=True)
+        self._remove_created()

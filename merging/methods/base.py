@@ -1,0 +1,109 @@
+"""The interface every merge method implements.
+
+The engine streams one tensor at a time. For each key it hands the method a ``TensorJob``
+holding the T task vectors of that key (stacked, in the compute dtype, on the compute device,
+matrices oriented (out, in)), and the method returns the merged task vector. The engine then
+writes ``θ0 + coefficient · τ_merged``.
+
+Methods that need statistics across keys (TIES's global trim threshold) declare
+``prepasses``: the engine streams every key through ``observe`` that many times before the
+merge pass. Methods whose final scale depends on other keys' merged results (ESM's
+inter-layer scaling) return a group from ``rescale_group``; the engine spills those merged
+tensors to disk, collects their norms, and applies ``group_factors`` at the end.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from merging.roles import NON_MATRIX_2D_ROLES, RoleInfo
+
+if TYPE_CHECKING:
+    from merging.calibration import CalibrationSet
+
+
+class MethodParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    alpha: float = Field(1.0, ge=-10, le=10, allow_inf_nan=False,
+                         description="Scale of the merged task vector: θ = θ0 + α·τ_merged.")
+
+
+@dataclass
+class TensorJob:
+    key: str
+    role: RoleInfo
+    taus: torch.Tensor  # (T, *shape) task vectors θ_t − θ0
+    index: int = 0  # position in the plan (used to derive per-key seeds and progress)
+
+    @property
+    def is_matrix(self) -> bool:
+        """The SVD methods' 2-D test (ALGORITHMS.md §0): 2-D and not a vocabulary/LM-head/text-projection table."""
+        return self.taus.ndim == 3 and self.role.role not in NON_MATRIX_2D_ROLES
+
+
+@dataclass
+class MergeContext:
+    expert_names: list[str]
+    device: torch.device
+    dtype: torch.dtype
+    calibration: "CalibrationSet | None" = None
+    notes: dict[str, Any] = field(default_factory=dict)  # method-reported facts for the manifest
+
+    @property
+    def n_experts(self) -> int:
+        return len(self.expert_names)
+
+
+class MergeMethod:
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    Params: ClassVar[type[MethodParams]] = MethodParams
+    prepasses: ClassVar[int] = 0
+    needs_calibration: ClassVar[bool] = False
+
+    def __init__(self, params: MethodParams, ctx: MergeContext):
+        self.params = params
+        self.ctx = ctx
+
+    # -- planning -------------------------------------------------------------------------
+    @classmethod
+    def check_experts(cls, params: MethodParams, n_experts: int) -> str | None:
+        """A message naming ``params.<field>`` when the parameters do not fit ``n_experts``."""
+        return None
+
+    def check_plan(self, keys: list[tuple[str, RoleInfo, tuple[int, ...]]]) -> None:
+        """Raise a MergeError before any tensor is read if the plan cannot work (e.g. missing calibration)."""
+
+    # -- streaming ------------------------------------------------------------------------
+    def observe(self, pass_index: int, job: TensorJob) -> None:
+        raise NotImplementedError
+
+    def end_pass(self, pass_index: int) -> None:
+        pass
+
+    def merge(self, job: TensorJob) -> torch.Tensor:
+        raise NotImplementedError
+
+    def coefficient(self, job: TensorJob) -> float:
+        return self.params.alpha
+
+    # -- deferred scaling ------------------------------------------------------------------
+    def rescale_group(self, job: TensorJob) -> str | None:
+        return None
+
+    def group_factors(self, norms: dict[str, dict[str, float]]) -> dict[str, float]:
+        return {}
+
+
+class MatrixMethod(MergeMethod):
+    """The SVD methods' shape: matrices (``job.is_matrix``) go to ``merge_matrix``; every other
+    tensor is the arithmetic mean of its task vectors (ALGORITHMS.md §0)."""
+
+    def merge(self, job: TensorJob) -> torch.Tensor:
+        return self.merge_matrix(job) if job.is_matrix else job.taus.mean(0)
+
+    def merge_matrix(self, job: TensorJob) -> torch.Tensor:
+        raise NotImplementedError

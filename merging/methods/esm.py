@@ -1,0 +1,162 @@
+"""ESM, Essential Subspace Merging with polarized scaling (Li et al., CVPR 2026), ViT code path,
+ALGORITHMS.md §4.
+
+ESD layers (fused or split Q/K/V, MLP up/gate and down projections) are decomposed along the
+principal directions of each task's activation shift A_t = X_t ΔW_tᵀ. Only XᵀX and N are
+needed: AᵀA = ΔW (XᵀX) ΔWᵀ. The eigenpairs are computed in float64 on the small side of the
+layer, and the official identity padding (N < d_out) is reproduced: padded directions have
+zero eigenvalue and enter the per-task norm n_t with the raw rows of ΔW_t.
+Other 2-D keys use TSV-M, other tensors the mean. After the merge pass, each ESD/attention
+group of layers is rescaled by (‖τ_ℓ‖ / mean_ℓ ‖τ_ℓ‖)^p. α multiplies ESD keys only.
+"""
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from merging.errors import CalibrationError
+from merging.linalg import polar_with_singular_values
+from merging.methods.base import MergeContext, MergeMethod, MethodParams, TensorJob
+from merging.methods.tsv_m import tsv_merge_matrix
+from merging.registry import register
+from merging.roles import Role, RoleInfo
+
+ESD_ROLES = frozenset({Role.attn_qkv, Role.attn_q, Role.attn_k, Role.attn_v, Role.mlp_up, Role.mlp_gate, Role.mlp_down})
+# Inter-layer scaling groups: the ESD roles plus the attention output (as in the official code).
+GROUP_ROLES = ESD_ROLES | {Role.attn_out}
+
+
+class EsmParams(MethodParams):
+    alpha: float = Field(1.0, ge=-10, le=10, allow_inf_nan=False,
+                         description="Scale of the ESD layers only; all other keys are added with coefficient 1 (official).")
+    eigenvalue_power: float = Field(0.15, ge=0, le=2, description="q in the eigenvalue weighting (λ/mean λ)^q.")
+    norm_power: float = Field(2.0, ge=0, le=8, description="p of the polarized scalings (inter-task, column, inter-layer).")
+    final_factor: float = Field(2.0, gt=0, le=10, description="Constant factor of the ESD result (hard-coded 2 officially).")
+    inter_layer_scaling: bool = Field(True, description="Rescale each layer group by (‖τ_ℓ‖/mean ‖τ‖)^p.")
+
+
+def activation_eigen(dw: torch.Tensor, gram: torch.Tensor, count: int, r: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Top-r eigenvectors E (d_out, r) and eigenvalues λ (r,) of the activation-shift covariance
+    AᵀA/(N−1) = ΔW G ΔWᵀ/(N−1), with the official identity padding, and n_t = ‖Eᵀ ΔW‖_F over
+    the official full (padded) basis. Everything in float64.
+    """
+    d_out, d_in = dw.shape
+    if d_out <= d_in:
+        evals, vecs = torch.linalg.eigh(dw @ gram @ dw.mT)  # (d_out, d_out)
+        evals, vecs = evals.flip(0).clamp_min(0), vecs.flip(1)
+    else:  # eigenpairs of B Bᵀ from those of Bᵀ B, with B = ΔW G^{1/2} (d_out × d_in)
+        g_evals, g_vecs = torch.linalg.eigh(gram)
+        b = dw @ (g_vecs * g_evals.clamp_min(0).sqrt()) @ g_vecs.mT
+        mu, w = torch.linalg.eigh(b.mT @ b)
+        mu, w = mu.flip(0).clamp_min(0), w.flip(1)
+        s = mu.sqrt()
+        keep = s > s[0] * 1e-12 if s.numel() and s[0] > 0 else torch.zeros_like(s, dtype=torch.bool)
+        vecs = (b @ w[:, keep]) / s[keep]
+        evals = mu[keep]
+    # The official SVD of A (N × d_out) yields min(N, d_out) directions; identity columns pad the rest.
+    n_svd = min(count, d_out)
+    vecs, evals = vecs[:, :n_svd], evals[:n_svd]
+    if vecs.shape[1] < r:  # rank budget above the available directions (ill-posed, §4.3): complete the basis
+        vecs, evals = _complete(vecs, evals, r, count, d_out)
+    if count >= d_out:
+        norm2 = float((dw * dw).sum())  # full orthonormal basis
+    else:
+        proj = vecs[:, : min(vecs.shape[1], n_svd)].mT @ dw
+        norm2 = float((proj * proj).sum() + (dw[count:] * dw[count:]).sum())
+    return vecs[:, :r], evals[:r] / (count - 1), norm2 ** 0.5
+
+
+def _complete(vecs: torch.Tensor, evals: torch.Tensor, r: int, count: int, d_out: int):
+    """Add zero-eigenvalue directions: orthonormal completions inside the first N positions, then e_N, e_N+1, …"""
+    need = r - vecs.shape[1]
+    eye = torch.eye(d_out, dtype=vecs.dtype, device=vecs.device)
+    extra = []
+    if count < d_out:
+        extra.append(eye[:, count:])
+    basis = torch.cat([vecs, *extra], dim=1) if extra else vecs
+    if basis.shape[1] < r:
+        q, _ = torch.linalg.qr(torch.cat([vecs, eye], dim=1))
+        basis = torch.cat([vecs, q[:, vecs.shape[1]: vecs.shape[1] + r - basis.shape[1]], *extra], dim=1)
+    pad = torch.zeros(need, dtype=evals.dtype, device=evals.device)
+    return basis[:, :r], torch.cat([evals, pad])
+
+
+@register
+class Esm(MergeMethod):
+    name = "esm"
+    summary = "Essential Subspace Merging: activation-shift eigenbasis per task, polarized scaling (needs calibration inputs)."
+    Params = EsmParams
+    needs_calibration = True
+
+    def __init__(self, params: EsmParams, ctx: MergeContext):
+        super().__init__(params, ctx)
+        self.ill_posed: list[str] = []
+
+    @staticmethod
+    def is_esd(role: RoleInfo, shape: tuple[int, ...]) -> bool:
+        return len(shape) == 2 and role.role in ESD_ROLES
+
+    def check_plan(self, keys) -> None:
+        needed = [(k, shape[0] if role.transposed else shape[1]) for k, role, shape in keys if self.is_esd(role, shape)]
+        if not needed:
+            raise CalibrationError("esm: no layer has an ESD role (attention Q/K/V, MLP up/gate/down); "
+                                   "check the key names or set roles in the spec")
+        self.ctx.calibration.require(needed)
+
+    def coefficient(self, job: TensorJob) -> float:
+        return self.params.alpha if self.is_esd(job.role, tuple(job.taus.shape[1:])) else 1.0
+
+    def rescale_group(self, job: TensorJob) -> str | None:
+        if self.params.inter_layer_scaling and job.taus.ndim == 3 and job.role.role in GROUP_ROLES:
+            return job.role.role.value
+        return None
+
+    def group_factors(self, norms: dict[str, dict[str, float]]) -> dict[str, float]:
+        factors = {}
+        for group in norms.values():
+            mean = sum(group.values()) / len(group)
+            for key, n in group.items():
+                factors[key] = (n / mean) ** self.params.norm_power if mean > 0 else 1.0
+        return factors
+
+    def merge(self, job: TensorJob):
+        shape = tuple(job.taus.shape[1:])
+        if not self.is_esd(job.role, shape):
+            return tsv_merge_matrix(job.taus) if job.is_matrix else job.taus.mean(0)
+        return self._esd_merge(job).to(job.taus.dtype)
+
+    def _esd_merge(self, job: TensorJob) -> torch.Tensor:
+        p, q = self.params.norm_power, self.params.eigenvalue_power
+        taus = job.taus.to(torch.float64)
+        n_tasks, d_out, d_in = taus.shape
+        r = int(d_out * (1 / n_tasks))
+        if r == 0:
+            return torch.zeros((d_out, d_in), dtype=torch.float64, device=taus.device)
+        u_blocks, v_blocks, norms = [], [], []
+        for t in range(n_tasks):
+            gram, count = self.ctx.calibration.stats(t, job.key, d_in)
+            if r > min(count, d_in):
+                self.ill_posed.append(job.key)
+                self.ctx.notes.setdefault("esm_ill_posed_rank_budget", sorted(set(self.ill_posed)))
+            e, lam, n_t = activation_eigen(taus[t], gram.to(taus.device), count, r)
+            v = (e.mT @ taus[t]) * n_t ** p
+            mean_lam = lam.mean()
+            weight = (lam / mean_lam) ** q if mean_lam > 0 else torch.ones_like(lam)
+            weight = weight / weight.mean() if weight.mean() > 0 else torch.ones_like(weight)
+            u_blocks.append(e * weight)
+            v_blocks.append(weight[:, None] * v)
+            norms.append(n_t)
+        u_cat = torch.cat(u_blocks, dim=1)
+        v_cat = torch.cat(v_blocks, dim=0)
+        mean_norm = sum(norms) / len(norms)
+        if mean_norm > 0:
+            v_cat = v_cat / mean_norm ** p
+        col = torch.linalg.vector_norm(v_cat, dim=0)
+        mean_col = col.mean()
+        if mean_col > 0:
+            v_cat = v_cat * (col / mean_col) ** p
+        # ESM works in float64 throughout; the SVD route is kept for float64 compute mode only.
+        exact = job.taus.dtype == torch.float64
+        pu, su = polar_with_singular_values(u_cat, exact)
+        pv, sv = polar_with_singular_values(v_cat, exact)
+        return self.params.final_factor * (pu * su.mean()) @ (pv * sv.mean())

@@ -1,0 +1,27 @@
+"""Iso-C, isotropic merging in the common space (Marczak et al., ICML 2025), ALGORITHMS.md §2.1.
+
+Per matrix: M = Σ_t τ_t; replace its spectrum by the mean singular value: σ̄ · U Vh, where
+U Vh is the polar factor of M. Other tensors: mean of task vectors.
+"""
+from __future__ import annotations
+
+from pydantic import Field
+
+from merging.linalg import polar_with_singular_values
+from merging.methods.base import MatrixMethod, MethodParams, TensorJob
+from merging.registry import register
+
+
+class IsoParams(MethodParams):
+    alpha: float = Field(1.0, ge=-10, le=10, allow_inf_nan=False, description="Scaling (FusionBench default 1.0; official code searches 0.1..3.0).")
+
+
+@register
+class IsoC(MatrixMethod):
+    name = "iso_c"
+    summary = "Isotropic merging: flatten the spectrum of the task-vector sum to its mean singular value."
+    Params = IsoParams
+
+    def merge_matrix(self, job: TensorJob):
+        p, s = polar_with_singular_values(job.taus.sum(0))
+        return s.mean() * p

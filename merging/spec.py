@@ -1,0 +1,182 @@
+"""The job spec: one pydantic model for the Python API, the CLI spec file, the REST body and the worker."""
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from merging.roles import Role, RoleOverride
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(value: int | str) -> int:
+    """``"5GB"`` → 5_000_000_000; ``"500MiB"`` → 524_288_000; ints are bytes."""
+    if isinstance(value, int):
+        return value
+    m = _SIZE.match(value)
+    unit = (m.group(2) or "").upper() if m else None
+    if not m or unit not in _UNITS and unit + "B" not in _UNITS:
+        raise ValueError(f"not a size: {value!r} (use bytes or e.g. '500MB', '2GiB')")
+    unit = unit if unit in _UNITS else unit + "B"
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CheckpointRef(_Strict):
+    uri: str = Field(min_length=1, description="Local path, file://, s3://, http(s):// or hf://org/repo[@revision][/path].")
+    revision: str | None = Field(None, description="For hf:// URIs: a branch, tag or commit to pin (same as @revision in the URI).")
+
+
+class CalibrationRef(_Strict):
+    uri: str = Field(min_length=1, description=(
+        "safetensors file mapping a weight key to the layer inputs it saw (2-D, one row per token), "
+        "or to their Gram matrix under '<key>:gram' with the token count under '<key>:count'."))
+
+
+class ExpertRef(CheckpointRef):
+    name: str | None = Field(None, description="Display name; defaults to expert<i>.")
+    calibration: CalibrationRef | None = None
+
+
+class OutputSpec(_Strict):
+    uri: str = Field(min_length=1, description="Directory to publish the merged model to (local path, file:// or s3://).")
+    dtype: Literal["auto", "float32", "float16", "bfloat16", "float64"] = Field(
+        "auto", description="Dtype of merged floating tensors; 'auto' keeps each base tensor's dtype.")
+    shard_size: int | str = Field("5GB", validate_default=True, description="Maximum bytes per output shard, e.g. '2GB' (bytes as an integer also work).")
+    overwrite: bool = Field(False, description="Replace an existing model at output.uri.")
+
+    @field_validator("shard_size")
+    @classmethod
+    def _size(cls, v: int | str) -> int:
+        n = parse_size(v)
+        if n < 1024:
+            raise ValueError("shard_size must be at least 1 KiB")
+        return n
+
+
+class RoleOverrideSpec(_Strict):
+    pattern: str = Field(min_length=1, description="fnmatch glob over full tensor keys, e.g. '*.attn.c_attn.weight'.")
+    role: Role
+    transposed: bool | None = Field(None, description="Stored as (in, out); default: as inferred.")
+
+
+class RunOptions(_Strict):
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' uses CUDA when torch sees a GPU.")
+    compute_dtype: Literal["float32", "float64"] = Field("float32", description="Precision of all merge arithmetic.")
+    check_finite: bool = Field(True, description="Reject NaN/Inf in any input tensor.")
+    diagnostics: Literal["sampled", "full", "off"] = Field("sampled", description=(
+        "Data-free merge diagnostics written to diagnostics.json: 'sampled' analyses spectra, SAR, STI and "
+        "HO-GSVD on an evenly spread 8% of the matrix layers (at least 4, at most 24); 'full' on every matrix layer; "
+        "norms and cosines always cover every tensor."))
+    workers: int | None = Field(None, ge=1, le=64, description=(
+        "Tensors merged concurrently on CPU, each with one torch thread. Default 1: torch's own threads "
+        "(measured faster on 2 cores); more can pay off on many-core machines."))
+
+
+class MergeSpec(_Strict):
+    method: str = Field(description="Method id, see GET /v1/methods or `submerge methods`.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Method parameters; validated against the method's schema.")
+    base: CheckpointRef
+    experts: list[ExpertRef] = Field(description="At least two fine-tuned checkpoints of the base.")
+    output: OutputSpec
+    roles: list[RoleOverrideSpec] = Field(default_factory=list, description="Layer-role overrides; first match wins.")
+    passthrough: list[str] = Field(default_factory=list, description="Glob patterns of keys copied from the base unmerged.")
+    options: RunOptions = Field(default_factory=RunOptions)
+    callback_url: str | None = Field(None, pattern=r"^https?://", description=(
+        "Service only: POSTed when the job finishes, signed Standard-Webhooks style. The library ignores it."))
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        from merging.registry import get_method
+        try:
+            get_method(v)
+        except KeyError as e:
+            raise ValueError(e.args[0]) from None
+        return v
+
+    @field_validator("experts")
+    @classmethod
+    def _two_experts(cls, v: list[ExpertRef]) -> list[ExpertRef]:
+        if len(v) < 2:
+            raise ValueError(f"at least 2 experts are required to merge, got {len(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "MergeSpec":
+        names = self.expert_names()
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"experts: duplicate expert name(s) {dup}")
+        params = self.method_params()  # raises a ValueError that names params.<field>
+        from merging.registry import get_method
+        problem = get_method(self.method).check_experts(params, len(self.experts))
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    def expert_names(self) -> list[str]:
+        return [e.name or f"expert{i}" for i, e in enumerate(self.experts)]
+
+    def method_params(self):
+        """The typed parameter model of the chosen method (validated)."""
+        from merging.registry import get_method
+        cls = get_method(self.method)
+        try:
+            return cls.Params.model_validate(self.params)
+        except ValidationError as e:
+            raise ValueError(format_validation_error(e, prefix="params", method=self.method)) from None
+
+    def role_overrides(self) -> list[RoleOverride]:
+        return [RoleOverride(r.pattern, r.role, r.transposed) for r in self.roles]
+
+
+def format_validation_error(e: ValidationError, prefix: str = "", method: str | None = None) -> str:
+    """One line per problem, each naming the dotted field path."""
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in ((prefix,) if prefix else ()) + tuple(err["loc"]))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown parameter" + (f" for method {method!r}" if method else "")
+        # Model-level validators have no location; their messages already name the field.
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def load_spec(data: dict | MergeSpec) -> MergeSpec:
+    """Validate a spec dict; raise ``SpecError`` with every problem named by field."""
+    from merging.errors import SpecError
+    if isinstance(data, MergeSpec):
+        return data
+    try:
+        return MergeSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(format_validation_error(e)) from None
+
+
+def load_spec_file(path: str) -> MergeSpec:
+    """Read a JSON or YAML spec file."""
+    import json
+
+    import yaml
+
+    from merging.errors import SpecError
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise SpecError(f"cannot read spec file {path}: {e.strerror}") from None
+    try:
+        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as e:
+        raise SpecError(f"spec file {path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {e}".splitlines()[0]) from None
+    if not isinstance(data, dict):
+        raise SpecError(f"spec file {path} must contain an object at the top level")
+    return load_spec(data)

@@ -1,0 +1,141 @@
+"""URI policy for everything a job makes the service fetch or call (SSRF guard).
+
+* schemes: only ``SUBMERGE_ALLOWED_SCHEMES`` (plain paths count as ``file``);
+* ``file://`` and plain paths: only under ``SUBMERGE_FILE_ROOTS`` (after resolving symlinks and ``..``);
+* ``s3://``: only buckets in ``SUBMERGE_ALLOWED_BUCKETS`` when that is set;
+* ``http(s)://``: only hosts in ``SUBMERGE_ALLOWED_HOSTS`` when that is set; the host name is
+  resolved and *every* address it resolves to must be public, unless it lies in
+  ``SUBMERGE_ALLOWED_PRIVATE_NETWORKS``. The check runs at submission and again when the
+  worker starts the job (and before each webhook delivery).
+"""
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import os
+import socket
+import urllib.parse
+
+from service.config import Settings
+
+
+class PolicyError(Exception):
+    code = "uri_not_allowed"
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = f"{field}: {message}"
+
+
+def _split(uri: str) -> tuple[str, str]:
+    if "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        return scheme.lower(), rest
+    return "", uri
+
+
+def _under(path: str, root: str) -> bool:
+    try:
+        return os.path.commonpath([path, root]) == root
+    except ValueError:
+        return False
+
+
+def check_file(uri: str, field: str, settings: Settings) -> None:
+    scheme, rest = _split(uri)
+    if scheme == "file":
+        host, _, path = rest.partition("/")
+        if host not in ("", "localhost"):
+            raise PolicyError(field, f"file:// URIs with a host ({host!r}) are not allowed")
+        path = "/" + path
+    else:
+        path = rest
+    real = os.path.realpath(os.path.expanduser(path))
+    roots = settings.roots
+    if not any(_under(real, r) for r in roots):
+        raise PolicyError(field, f"{uri} is outside the allowed file roots ({', '.join(roots)}; see SUBMERGE_FILE_ROOTS)")
+
+
+def _host_allowed(host: str, patterns: list[str]) -> bool:
+    host = host.lower().rstrip(".")
+    return any(fnmatch.fnmatchcase(host, p.lower()) for p in patterns)
+
+
+def _private_allowed(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, settings: Settings) -> bool:
+    for net in settings.allowed_private_networks:
+        try:
+            if ip in ipaddress.ip_network(net, strict=False):
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+def resolve_addresses(host: str, port: int) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    out = []
+    for info in infos:
+        ip = ipaddress.ip_address(info[4][0].split("%", 1)[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        out.append(ip)
+    return out
+
+
+def check_http(uri: str, field: str, settings: Settings) -> None:
+    parts = urllib.parse.urlsplit(uri)
+    host = parts.hostname
+    if not host:
+        raise PolicyError(field, f"{uri} has no host")
+    if parts.username or parts.password:
+        raise PolicyError(field, "credentials in URLs are not allowed")
+    if settings.allowed_hosts and not _host_allowed(host, settings.allowed_hosts):
+        raise PolicyError(field, f"host {host!r} is not in SUBMERGE_ALLOWED_HOSTS")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise PolicyError(field, f"{uri} has an invalid port") from None
+    try:
+        addresses = resolve_addresses(host, port)
+    except (socket.gaierror, UnicodeError, OSError) as e:
+        raise PolicyError(field, f"cannot resolve host {host!r} ({e})") from None
+    if not addresses:
+        raise PolicyError(field, f"host {host!r} resolves to no address")
+    for ip in addresses:
+        if not ip.is_global and not _private_allowed(ip, settings):
+            raise PolicyError(field, f"host {host!r} resolves to non-public address {ip} "
+                                     "(private, loopback and link-local targets are refused; see SUBMERGE_ALLOWED_PRIVATE_NETWORKS)")
+
+
+def check_uri(uri: str, field: str, settings: Settings) -> None:
+    scheme, rest = _split(uri)
+    effective = scheme or "file"
+    if effective not in [s.lower() for s in settings.allowed_schemes]:
+        raise PolicyError(field, f"URI scheme {effective!r} is not allowed (allowed: {', '.join(settings.allowed_schemes)})")
+    if effective == "file":
+        check_file(uri, field, settings)
+    elif effective == "s3":
+        bucket = rest.split("/", 1)[0]
+        if settings.allowed_buckets and bucket not in settings.allowed_buckets:
+            raise PolicyError(field, f"bucket {bucket!r} is not in SUBMERGE_ALLOWED_BUCKETS")
+    elif effective in ("http", "https"):
+        check_http(uri, field, settings)
+
+
+def check_callback(url: str, settings: Settings, field: str = "callback_url") -> None:
+    scheme = _split(url)[0]
+    if scheme not in ("http", "https"):
+        raise PolicyError(field, "callback_url must be http(s)")
+    check_http(url, field, settings)
+
+
+def check_spec(spec, settings: Settings) -> None:
+    """Every input URI of a MergeSpec (and its callback_url)."""
+    check_uri(spec.base.uri, "base.uri", settings)
+    for i, e in enumerate(spec.experts):
+        check_uri(e.uri, f"experts.{i}.uri", settings)
+        if e.calibration is not None:
+            check_uri(e.calibration.uri, f"experts.{i}.calibration.uri", settings)
+    if spec.callback_url:
+        check_callback(spec.callback_url, settings)

@@ -1,0 +1,243 @@
+"""/v1/merges: submit, validate, read, list, cancel, events, report, artifacts."""
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import json
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
+from pydantic import ValidationError
+
+from merging.spec import MergeSpec
+from service.dependencies import DispatcherDep, SettingsDep, StorageDep, StoreDep, TenantDep
+from service.errors import ApiError, not_found, spec_error
+from service.models import STATUSES
+from service.policy import PolicyError, check_spec
+from service.schemas import ArtifactList, ArtifactOut, ErrorBody, EventList, JobList, JobOut, ValidationReport, event_out, job_out
+from service.redact import redact_obj, redact_text, redact_uri
+from service.store import IdempotencyConflict
+
+router = APIRouter(prefix="/v1", tags=["merges"])
+
+SPEC_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/MergeSpec"}}},
+                             "description": "A merging.spec.MergeSpec. `output` may be left out: the service publishes to its own "
+                                            "storage ({storage}/{job_id}/model); `output.uri`, if given, is recorded as requested_output."}}
+ERRORS = {401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 422: {"model": ErrorBody}}
+PLACEHOLDER_OUTPUT = "service://job-storage"
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        data = json.loads(raw or b"null")
+    except ValueError as e:
+        raise ApiError(422, "invalid_json", f"request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ApiError(422, "invalid_spec", "the request body must be a JSON object (a merge spec)")
+    return data
+
+
+def _prepare(data: dict[str, Any], output_uri: str) -> tuple[MergeSpec, dict | None]:
+    """Validate the body as a MergeSpec with output.uri pointed at the service's storage."""
+    spec_dict = copy.deepcopy(data)
+    requested = spec_dict.get("output")
+    output = dict(requested) if isinstance(requested, dict) else ({} if requested is None else requested)
+    if isinstance(output, dict):
+        output["uri"] = output_uri
+        output["overwrite"] = True  # a retry replaces what an interrupted attempt left
+    spec_dict["output"] = output
+    try:
+        spec = MergeSpec.model_validate(spec_dict)
+    except ValidationError as e:
+        raise spec_error(e) from None
+    return spec, (copy.deepcopy(requested) if isinstance(requested, dict) else None)
+
+
+def _policy(spec: MergeSpec, settings) -> None:
+    try:
+        check_spec(spec, settings)
+    except PolicyError as e:
+        raise ApiError(422, e.code, e.message, field=e.field) from None
+
+
+def _canonical_hash(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()).hexdigest()
+
+
+@router.post("/merges", status_code=202, response_model=JobOut, openapi_extra=SPEC_BODY,
+             responses={**ERRORS, 409: {"model": ErrorBody, "description": "Idempotency-Key reused with a different body"}},
+             summary="Submit a merge job")
+async def submit(request: Request, response: Response, tenant: TenantDep, settings: SettingsDep, store: StoreDep,
+                 storage: StorageDep, dispatcher: DispatcherDep,
+                 idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> JobOut:
+    import uuid
+    data = await _body(request)
+    job_id = str(uuid.uuid4())
+    spec, requested = _prepare(data, storage.model_uri(job_id))
+    await run_in_threadpool(_policy, spec, settings)
+    try:
+        job, created = await run_in_threadpool(
+            store.create, tenant=tenant, method=spec.method, spec=spec.model_dump(mode="json", by_alias=True),
+            requested_output=redact_obj(requested), max_attempts=settings.max_attempts, idempotency_key=idempotency_key,
+            request_hash=_canonical_hash(data), job_id=job_id)
+    except IdempotencyConflict as e:
+        raise ApiError(409, "idempotency_conflict", f"Idempotency-Key {idempotency_key!r} was used for job {e.job.id} "
+                       "with a different request body", field="Idempotency-Key") from None
+    if created:
+        try:
+            await run_in_threadpool(dispatcher.submit, job.id)
+        except Exception as e:  # noqa: BLE001
+            raise ApiError(503, "broker_unavailable", f"job {job.id} was stored but could not be queued "
+                           f"({type(e).__name__}: {e}); the reaper does not retry queued jobs, resubmit with the same "
+                           "Idempotency-Key after fixing the broker") from None
+    else:
+        response.headers["Idempotent-Replayed"] = "true"
+    response.headers["Location"] = f"/v1/merges/{job.id}"
+    return job_out(job)
+
+
+@router.post("/merges:validate", response_model=ValidationReport, openapi_extra=SPEC_BODY, responses=ERRORS,
+             summary="Dry run: validate a spec and read checkpoint headers")
+async def validate(request: Request, tenant: TenantDep, settings: SettingsDep, storage: StorageDep) -> ValidationReport:
+    data = await _body(request)
+    spec, _ = _prepare(data, storage.model_uri("validate"))
+    await run_in_threadpool(_policy, spec, settings)
+    return await run_in_threadpool(_dry_run, spec, settings)
+
+
+def _dry_run(spec: MergeSpec, settings) -> ValidationReport:
+    """merging.engine.preflight: checkpoint headers, plan, calibration coverage, the method's own checks."""
+    from collections import Counter
+
+    import torch
+
+    from merging.engine import preflight
+    from merging.errors import MergeError
+    from service.schemas import ErrorInfo
+
+    try:
+        pf = preflight(spec, io=settings.io_config())
+    except MergeError as e:
+        return ValidationReport(valid=False, error=ErrorInfo(code=e.code, message=redact_text(str(e)), field=e.field))
+    plan = pf.plan
+    summary = {
+        "method": spec.method,
+        "params": spec.method_params().model_dump(mode="json", by_alias=True),
+        "base": {"uri": redact_uri(spec.base.uri), "format": pf.base.format},
+        "experts": [{"name": n, "uri": redact_uri(r.uri), "format": c.format} for n, r, c in zip(spec.expert_names(), spec.experts, pf.experts)],
+        "tensors": {"total": len(plan), "merged": sum(p.action == "merge" for p in plan),
+                    "copied": sum(p.action == "copy" for p in plan)},
+        "roles": dict(Counter(p.role.role.value for p in plan).most_common()),
+        "copied": [{"key": p.key, "reason": p.reason} for p in plan if p.action == "copy"][:100],
+        "output_bytes": sum(int(torch.Size(p.shape).numel()) * p.out_dtype.itemsize for p in plan),
+    }
+    return ValidationReport(valid=True, summary=summary)
+
+
+def _cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"seq:{seq}".encode()).decode().rstrip("=")
+
+
+def _parse_cursor(cursor: str) -> int:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        kind, _, value = text.partition(":")
+        if kind != "seq":
+            raise ValueError
+        return int(value)
+    except ValueError:
+        raise ApiError(422, "invalid_request", "cursor: not a cursor returned by this API", field="cursor") from None
+
+
+@router.get("/merges", response_model=JobList, responses=ERRORS, summary="List jobs, newest first")
+def list_jobs(tenant: TenantDep, store: StoreDep,
+              status: Annotated[str | None, Query(description="|".join(STATUSES))] = None,
+              limit: Annotated[int, Query(ge=1, le=200)] = 50,
+              cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None) -> JobList:
+    if status is not None and status not in STATUSES:
+        raise ApiError(422, "invalid_request", f"status: must be one of {', '.join(STATUSES)}", field="status")
+    before = _parse_cursor(cursor) if cursor else None
+    jobs = store.list(tenant, status=status, limit=limit + 1, before_seq=before)
+    more = len(jobs) > limit
+    jobs = jobs[:limit]
+    return JobList(items=[job_out(j) for j in jobs], next_cursor=_cursor(jobs[-1].seq) if more else None)
+
+
+def _job(store, job_id: str, tenant: str):
+    job = store.get(job_id, tenant)
+    if job is None:
+        raise not_found()
+    return job
+
+
+@router.get("/merges/{job_id}", response_model=JobOut, responses=ERRORS, summary="A job's status, progress and result")
+def get_job(job_id: str, tenant: TenantDep, store: StoreDep) -> JobOut:
+    return job_out(_job(store, job_id, tenant))
+
+
+@router.post("/merges/{job_id}:cancel", status_code=202, response_model=JobOut,
+             responses={**ERRORS, 409: {"model": ErrorBody, "description": "The job already finished"}}, summary="Cancel a job")
+def cancel(job_id: str, tenant: TenantDep, store: StoreDep) -> JobOut:
+    job = _job(store, job_id, tenant)
+    if job.status in ("succeeded", "failed", "cancelled"):
+        raise ApiError(409, "not_cancellable", f"job {job_id} already finished ({job.status})")
+    job = store.cancel(job_id, tenant)
+    return job_out(job)
+
+
+@router.get("/merges/{job_id}/events", response_model=EventList, responses=ERRORS, summary="A job's timeline")
+def events(job_id: str, tenant: TenantDep, store: StoreDep) -> EventList:
+    _job(store, job_id, tenant)
+    return EventList(items=[event_out(e) for e in store.events(job_id)])
+
+
+def _succeeded(store, job_id: str, tenant: str):
+    job = _job(store, job_id, tenant)
+    if job.status != "succeeded" or not job.result:
+        raise ApiError(409, "not_ready", f"job {job_id} has no result (status {job.status})")
+    return job
+
+
+@router.get("/merges/{job_id}/report", responses={**ERRORS, 409: {"model": ErrorBody},
+            200: {"content": {"application/json": {}, "text/html": {}}}},
+            summary="The job's report: report.json, or the self-contained report.html with ?format=html",
+            response_class=JSONResponse)
+def report(job_id: str, tenant: TenantDep, store: StoreDep, storage: StorageDep,
+           format: Literal["json", "html"] = Query("json", description="json (report.json) or html (report.html with plots)")) -> Response:
+    _succeeded(store, job_id, tenant)
+    name, media = ("report.html", "text/html; charset=utf-8") if format == "html" else ("report.json", "application/json")
+    try:
+        body = storage.read_bytes(job_id, name)
+    except FileNotFoundError:
+        raise not_found("report" if format == "json" else "HTML report (diagnostics were off)") from None
+    return Response(body, media_type=media)
+
+
+def _artifact_list(job) -> list[ArtifactOut]:
+    return [ArtifactOut(**a, url=f"/v1/merges/{job.id}/artifacts/{a['path']}") for a in job.result.get("artifacts", [])]
+
+
+@router.get("/merges/{job_id}/artifacts", response_model=ArtifactList, responses={**ERRORS, 409: {"model": ErrorBody}},
+            summary="The merged model's files with sizes and sha256")
+def artifacts(job_id: str, tenant: TenantDep, store: StoreDep) -> ArtifactList:
+    return ArtifactList(items=_artifact_list(_succeeded(store, job_id, tenant)))
+
+
+@router.get("/merges/{job_id}/artifacts/{path:path}", responses={**ERRORS, 409: {"model": ErrorBody},
+            200: {"content": {"application/octet-stream": {}}, "description": "The file (Range requests: 206)"},
+            307: {"description": "Redirect to a presigned URL (S3 storage)"}}, summary="Download one artifact")
+def download(job_id: str, path: str, tenant: TenantDep, store: StoreDep, storage: StorageDep):
+    job = _succeeded(store, job_id, tenant)
+    art = next((a for a in job.result.get("artifacts", []) if a["path"] == path), None)
+    if art is None:  # only recorded artifacts: no path traversal into storage
+        raise not_found(f"artifact {path!r}")
+    rel = f"model/{path}"
+    headers = {"ETag": f'"{art["sha256"]}"', "X-Checksum-SHA256": art["sha256"]}
+    if storage.local:
+        return FileResponse(storage.local_path(job_id, rel), media_type="application/octet-stream",
+                            filename=path.rsplit("/", 1)[-1], headers=headers)
+    return RedirectResponse(storage.presign(job_id, rel), status_code=307, headers=headers)

@@ -1,0 +1,255 @@
+"""The job store: every state change of a job is a conditional UPDATE, so API replicas, Celery
+workers and the embedded pool can share it without locks.
+
+Claiming: a worker runs a job only after ``claim`` moved it from ``queued`` to ``running``
+(counting the attempt and taking a lease); a duplicate delivery of the same job finds it
+claimed and does nothing. A running job's worker renews the lease (``heartbeat``); when a
+worker dies its lease runs out and ``reap`` requeues the job, or fails it with
+``worker_lost`` once ``max_attempts`` attempts were made.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import and_, case, func, select, text, update
+from sqlalchemy.exc import IntegrityError
+
+from service.db import session_factory
+from service.models import FINISHED, Job, JobEvent, utcnow
+from service.redact import redact_obj, redact_text
+
+DURATION_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 12 * 3600)
+
+
+class IdempotencyConflict(Exception):
+    def __init__(self, job: Job):
+        super().__init__("idempotency key reused with a different body")
+        self.job = job
+
+
+@dataclass
+class Reaped:
+    job_id: str
+    outcome: str  # "requeued" | "failed" | "cancelled"
+
+
+class JobStore:
+    def __init__(self, url: str):
+        self.url = url
+        self.Session = session_factory(url)
+
+    # -- creation and reads ----------------------------------------------------------------------
+
+    def create(self, *, tenant: str, method: str, spec: dict, requested_output: dict | None, max_attempts: int,
+               idempotency_key: str | None = None, request_hash: str | None = None,
+               job_id: str | None = None) -> tuple[Job, bool]:
+        """Insert a queued job. With an idempotency key already used by this tenant, return the
+        existing job (``created`` False) or raise ``IdempotencyConflict`` when the body differs."""
+        if idempotency_key:
+            existing = self._by_key(tenant, idempotency_key)
+            if existing is not None:
+                return self._replay(existing, request_hash), False
+        now = utcnow()
+        job = Job(id=job_id or str(uuid.uuid4()), tenant=tenant, status="queued", method=method, spec=spec,
+                  requested_output=requested_output, idempotency_key=idempotency_key, request_hash=request_hash,
+                  progress_done=0, progress_total=0, attempts=0, max_attempts=max_attempts,
+                  created_at=now, updated_at=now)
+        try:
+            with self.Session.begin() as s:
+                s.add(job)
+                s.flush()
+                s.add(JobEvent(job_id=job.id, at=now, type="queued", data={"method": method}))
+        except IntegrityError:
+            existing = self._by_key(tenant, idempotency_key) if idempotency_key else None
+            if existing is None:
+                raise
+            return self._replay(existing, request_hash), False
+        return job, True
+
+    @staticmethod
+    def _replay(existing: Job, request_hash: str | None) -> Job:
+        if existing.request_hash != request_hash:
+            raise IdempotencyConflict(existing)
+        return existing
+
+    def _by_key(self, tenant: str, key: str) -> Job | None:
+        with self.Session() as s:
+            return s.scalars(select(Job).where(Job.tenant == tenant, Job.idempotency_key == key)).first()
+
+    def get(self, job_id: str, tenant: str | None = None) -> Job | None:
+        with self.Session() as s:
+            q = select(Job).where(Job.id == job_id)
+            if tenant is not None:
+                q = q.where(Job.tenant == tenant)
+            return s.scalars(q).first()
+
+    def list(self, tenant: str, status: str | None = None, limit: int = 50, before_seq: int | None = None) -> list[Job]:
+        with self.Session() as s:
+            q = select(Job).where(Job.tenant == tenant)
+            if status:
+                q = q.where(Job.status == status)
+            if before_seq is not None:
+                q = q.where(Job.seq < before_seq)
+            return list(s.scalars(q.order_by(Job.seq.desc()).limit(limit)))
+
+    def events(self, job_id: str) -> list[JobEvent]:
+        with self.Session() as s:
+            return list(s.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)))
+
+    def add_event(self, job_id: str, type_: str, data: dict | None = None, at: dt.datetime | None = None) -> None:
+        with self.Session.begin() as s:
+            s.add(JobEvent(job_id=job_id, at=at or utcnow(), type=type_, data=redact_obj(data)))
+
+    def add_events(self, job_id: str, events: list[tuple[dt.datetime, str, dict | None]]) -> None:
+        if not events:
+            return
+        with self.Session.begin() as s:
+            s.add_all(JobEvent(job_id=job_id, at=at, type=t, data=redact_obj(d)) for at, t, d in events)
+
+    def queued_ids(self) -> list[str]:
+        with self.Session() as s:
+            return list(s.scalars(select(Job.id).where(Job.status == "queued").order_by(Job.seq)))
+
+    # -- transitions -----------------------------------------------------------------------------
+
+    def cancel(self, job_id: str, tenant: str) -> Job | None:
+        """queued -> cancelled at once; running -> cancelling (the worker stops at its next check)."""
+        now = utcnow()
+        with self.Session.begin() as s:
+            r = s.execute(update(Job).where(Job.id == job_id, Job.tenant == tenant, Job.status == "queued")
+                          .values(status="cancelled", finished_at=now, updated_at=now, error_code="cancelled",
+                                  error_message="cancelled before it started"))
+            if r.rowcount:
+                s.add(JobEvent(job_id=job_id, at=now, type="cancel_requested", data=None))
+                s.add(JobEvent(job_id=job_id, at=now, type="finished", data={"status": "cancelled"}))
+            else:
+                r = s.execute(update(Job).where(Job.id == job_id, Job.tenant == tenant, Job.status == "running")
+                              .values(status="cancelling", updated_at=now))
+                if r.rowcount:
+                    s.add(JobEvent(job_id=job_id, at=now, type="cancel_requested", data=None))
+        return self.get(job_id, tenant)
+
+    def claim(self, job_id: str, worker: str, lease_seconds: float) -> Job | None:
+        """queued -> running for this worker, counting the attempt. None if someone else has it
+        (or it is finished, or cancelled meanwhile)."""
+        now = utcnow()
+        with self.Session.begin() as s:
+            r = s.execute(update(Job).where(Job.id == job_id, Job.status == "queued", Job.attempts < Job.max_attempts)
+                          .values(status="running", attempts=Job.attempts + 1, worker=worker,
+                                  lease_until=now + dt.timedelta(seconds=lease_seconds),
+                                  started_at=func.coalesce(Job.started_at, now), updated_at=now,
+                                  phase=None, progress_done=0, progress_total=0, phase_started_at=None))
+            if not r.rowcount:
+                return None
+            job = s.scalars(select(Job).where(Job.id == job_id)).one()
+            s.add(JobEvent(job_id=job_id, at=now, type="started", data={"attempt": job.attempts, "worker": worker}))
+            return job
+
+    def heartbeat(self, job_id: str, worker: str, lease_seconds: float, progress: dict | None = None) -> str | None:
+        """Renew the lease (and store progress); return the job's status, or None when this
+        worker no longer holds the job."""
+        now = utcnow()
+        values: dict[str, Any] = {"lease_until": now + dt.timedelta(seconds=lease_seconds)}
+        if progress:
+            values.update(progress)
+            values["updated_at"] = now
+        with self.Session.begin() as s:
+            r = s.execute(update(Job).where(Job.id == job_id, Job.worker == worker,
+                                            Job.status.in_(("running", "cancelling"))).values(**values))
+            if not r.rowcount:
+                return None
+            return s.scalar(select(Job.status).where(Job.id == job_id))
+
+    def status(self, job_id: str) -> str | None:
+        with self.Session() as s:
+            return s.scalar(select(Job.status).where(Job.id == job_id))
+
+    def finish(self, job_id: str, worker: str, status: str, *, error: tuple[str, str] | None = None,
+               result: dict | None = None, progress: dict | None = None) -> bool:
+        now = utcnow()
+        with self.Session.begin() as s:
+            job = s.scalars(select(Job).where(Job.id == job_id)).first()
+            if job is None or job.worker != worker or job.status not in ("running", "cancelling"):
+                return False
+            values: dict[str, Any] = {"status": status, "finished_at": now, "updated_at": now, "lease_until": None,
+                                      "error_code": error[0] if error else None,
+                                      "error_message": redact_text(error[1]) if error else None,
+                                      "result": redact_obj(result),
+                                      "duration_seconds": (now - job.started_at).total_seconds() if job.started_at else None}
+            values.update(progress or {})
+            r = s.execute(update(Job).where(Job.id == job_id, Job.worker == worker,
+                                            Job.status.in_(("running", "cancelling"))).values(**values))
+            if not r.rowcount:
+                return False
+            data = {"status": status}
+            if error:
+                data["error"] = {"code": error[0], "message": error[1]}
+            s.add(JobEvent(job_id=job_id, at=now, type="finished", data=data))
+            return True
+
+    def release(self, job_id: str, worker: str, reason: str) -> bool:
+        """Put a job this worker holds back in the queue (e.g. the worker is shutting down)."""
+        now = utcnow()
+        with self.Session.begin() as s:
+            r = s.execute(update(Job).where(Job.id == job_id, Job.worker == worker, Job.status == "running")
+                          .values(status="queued", worker=None, lease_until=None, updated_at=now))
+            if r.rowcount:
+                s.add(JobEvent(job_id=job_id, at=now, type="retry", data={"reason": reason}))
+            return bool(r.rowcount)
+
+    def reap(self) -> list[Reaped]:
+        """Jobs whose worker stopped renewing its lease: requeue, or fail with worker_lost after
+        max_attempts, or (when a cancel was pending) cancel."""
+        now = utcnow()
+        out: list[Reaped] = []
+        with self.Session() as s:
+            stale = list(s.scalars(select(Job).where(Job.status.in_(("running", "cancelling")), Job.lease_until < now)))
+        for job in stale:
+            guard = and_(Job.id == job.id, Job.status == job.status, Job.worker == job.worker, Job.lease_until < now)
+            lost = f"worker {job.worker} stopped responding during attempt {job.attempts} of {job.max_attempts}"
+            with self.Session.begin() as s:
+                if job.status == "cancelling":
+                    values = {"status": "cancelled", "error_code": "cancelled", "error_message": "cancelled", "finished_at": now}
+                    outcome, event = "cancelled", ("finished", {"status": "cancelled"})
+                elif job.attempts >= job.max_attempts:
+                    msg = f"{lost}; giving up after {job.attempts} attempt(s)"
+                    values = {"status": "failed", "error_code": "worker_lost", "error_message": msg, "finished_at": now,
+                              "duration_seconds": (now - job.started_at).total_seconds() if job.started_at else None}
+                    outcome, event = "failed", ("finished", {"status": "failed", "error": {"code": "worker_lost", "message": msg}})
+                else:
+                    values = {"status": "queued", "worker": None}
+                    outcome, event = "requeued", ("retry", {"reason": "worker_lost", "message": lost, "attempt": job.attempts})
+                r = s.execute(update(Job).where(guard).values(lease_until=None, updated_at=now, **values))
+                if r.rowcount:
+                    s.add(JobEvent(job_id=job.id, at=now, type=event[0], data=event[1]))
+                    out.append(Reaped(job.id, outcome))
+        return out
+
+    # -- metrics and health ----------------------------------------------------------------------
+
+    def counts_by_status(self) -> dict[str, int]:
+        with self.Session() as s:
+            return {st: n for st, n in s.execute(select(Job.status, func.count()).group_by(Job.status))}
+
+    def duration_histogram(self) -> tuple[list[tuple[float, int]], float, int]:
+        cols = [func.sum(case((Job.duration_seconds <= b, 1), else_=0)) for b in DURATION_BUCKETS]
+        with self.Session() as s:
+            row = s.execute(select(*cols, func.coalesce(func.sum(Job.duration_seconds), 0.0), func.count())
+                            .where(Job.status.in_(FINISHED), Job.duration_seconds.is_not(None))).one()
+        buckets = [(float(b), int(n or 0)) for b, n in zip(DURATION_BUCKETS, row[:-2])]
+        return buckets, float(row[-2] or 0.0), int(row[-1] or 0)
+
+    def ping(self) -> None:
+        with self.Session() as s:
+            s.execute(text("SELECT 1"))
+
+    def oldest_queued_age(self) -> float | None:
+        with self.Session() as s:
+            oldest = s.scalar(select(func.min(Job.created_at)).where(Job.status == "queued"))
+        return (utcnow() - oldest).total_seconds() if oldest else None
+
+
+__all__ = ["JobStore", "IdempotencyConflict", "Reaped"]

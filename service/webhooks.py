@@ -1,0 +1,105 @@
+"""Completion callbacks, signed in the Standard Webhooks style.
+
+Headers: ``webhook-id`` (stable per job and outcome, so receivers can deduplicate retries),
+``webhook-timestamp`` (Unix seconds) and ``webhook-signature: v1,<base64 HMAC-SHA256>`` over
+``"{webhook-id}.{webhook-timestamp}.{body}"``. The key is ``SUBMERGE_WEBHOOK_SECRET``: a
+``whsec_<base64>`` secret is base64-decoded (as Standard Webhooks libraries do), any other
+value is used as UTF-8 bytes. Delivery is retried with exponential backoff.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import threading
+import time
+
+from service.config import Settings
+from service.store import JobStore
+
+log = logging.getLogger("submerge.webhooks")
+
+
+def secret_bytes(secret: str) -> bytes:
+    if secret.startswith("whsec_"):
+        return base64.b64decode(secret[len("whsec_"):])
+    return secret.encode()
+
+
+def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
+    signed = f"{msg_id}.{timestamp}.".encode() + body
+    digest = hmac.new(secret_bytes(secret), signed, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+def verify(secret: str, headers, body: bytes, tolerance: int = 300) -> bool:
+    """Receiver side (used by the tests; handy for clients too)."""
+    msg_id, ts = headers["webhook-id"], int(headers["webhook-timestamp"])
+    if abs(time.time() - ts) > tolerance:
+        return False
+    expected = sign(secret, msg_id, ts, body).split(",", 1)[1]
+    return any(hmac.compare_digest(expected, s.split(",", 1)[1])
+               for s in headers["webhook-signature"].split() if s.startswith("v1,"))
+
+
+def payload(job) -> bytes:
+    from service.schemas import job_out
+    data = job_out(job).model_dump(mode="json")
+    data.pop("spec", None)
+    return json.dumps({"type": f"merge.{job.status}", "timestamp": data["updated_at"], "data": data},
+                      separators=(",", ":")).encode()
+
+
+def deliver(job_id: str, settings: Settings, store: JobStore, sleep=time.sleep) -> bool:
+    import httpx
+
+    from service.policy import PolicyError, check_callback
+
+    job = store.get(job_id)
+    url = (job.spec or {}).get("callback_url") if job else None
+    if not url:
+        return False
+    body = payload(job)
+    msg_id = f"msg_{job.id}_{job.status}"
+    last = ""
+    for attempt in range(1, settings.webhook_max_attempts + 1):
+        try:
+            check_callback(url, settings)  # resolve again: the address may have changed since submission
+            ts = int(time.time())
+            headers = {"content-type": "application/json", "webhook-id": msg_id, "webhook-timestamp": str(ts),
+                       "user-agent": "submerge-webhooks"}
+            if settings.webhook_secret:
+                headers["webhook-signature"] = sign(settings.webhook_secret, msg_id, ts, body)
+            r = httpx.post(url, content=body, headers=headers, timeout=settings.webhook_timeout, follow_redirects=False)
+            if 200 <= r.status_code < 300:
+                store.add_event(job_id, "webhook_delivered", {"url": url, "attempt": attempt, "status_code": r.status_code})
+                return True
+            last = f"HTTP {r.status_code}"
+        except PolicyError as e:
+            last = e.message
+            break
+        except Exception as e:  # noqa: BLE001 - network errors: retry
+            last = f"{type(e).__name__}: {e}"
+        log.warning("webhook for job %s: attempt %d failed: %s", job_id, attempt, last)
+        if attempt < settings.webhook_max_attempts:
+            sleep(settings.webhook_backoff * 2 ** (attempt - 1))
+    store.add_event(job_id, "webhook_failed", {"url": url, "error": last})
+    return False
+
+
+def deliver_async(job_id: str, settings: Settings, store: JobStore) -> threading.Thread | None:
+    job = store.get(job_id)
+    if not job or not (job.spec or {}).get("callback_url"):
+        return None
+    t = threading.Thread(target=_safe_deliver, args=(job_id, settings, store), name=f"webhook-{job_id[:8]}", daemon=True)
+    t.start()
+    return t
+
+
+def _safe_deliver(job_id: str, settings: Settings, store: JobStore) -> None:
+    try:
+        deliver(job_id, settings, store)
+    except Exception:  # noqa: BLE001
+        log.exception("webhook delivery for job %s crashed", job_id)

@@ -1,0 +1,177 @@
+"""Engine behaviour: progress, cancellation, output dtypes, passthrough, copied buffers, manifest."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import merging
+from merging.errors import CancelledError
+
+
+@pytest.fixture()
+def ckpts(tmp_path):
+    torch.manual_seed(0)
+    base = {f"enc.layers.{i}.mlp.fc1.weight": torch.randn(16, 8, dtype=torch.bfloat16) for i in range(6)}
+    base["enc.position_ids"] = torch.arange(10, dtype=torch.int64)
+    base["head.weight"] = torch.randn(3, 8, dtype=torch.bfloat16)
+    save_file(base, str(tmp_path / "base.safetensors"))
+    for t in range(3):
+        e = {k: (v + 0.05 * torch.randn_like(v.float()).to(v.dtype)) if v.dtype.is_floating_point else v.clone() for k, v in base.items()}
+        save_file(e, str(tmp_path / f"e{t}.safetensors"))
+    return tmp_path, base
+
+
+def _spec(root, **over):
+    spec = {"method": "task_arithmetic", "params": {"alpha": 0.5}, "base": {"uri": str(root / "base.safetensors")},
+            "experts": [{"uri": str(root / f"e{t}.safetensors"), "name": f"task{t}"} for t in range(3)],
+            "output": {"uri": str(root / "out")}}
+    spec.update(over)
+    return spec
+
+
+def test_progress_events_cover_every_tensor(ckpts):
+    root, base = ckpts
+    events = []
+    merging.merge(_spec(root), progress=events.append)
+    phases = [e.phase for e in events]
+    assert phases[0] == "inspect" and phases[-1] == "done"
+    merge_events = [e for e in events if e.phase == "merge"]
+    assert [e.done for e in merge_events] == list(range(len(base) + 1))  # ends at n/n
+    assert all(e.total == len(base) for e in merge_events)
+    assert {e.key for e in merge_events[:-1]} == set(base)
+
+
+def test_cancel_leaves_nothing(ckpts):
+    root, _ = ckpts
+    calls = {"n": 0}
+
+    def should_cancel():
+        calls["n"] += 1
+        return calls["n"] > 4
+    with pytest.raises(CancelledError):
+        merging.merge(_spec(root), should_cancel=should_cancel)
+    assert not (root / "out").exists()
+    assert not [p for p in os.listdir(root) if ".partial-" in p]
+
+
+def test_dtypes_buffers_and_passthrough(ckpts):
+    root, base = ckpts
+    res = merging.merge(_spec(root, passthrough=["head.*"]))
+    out = load_file(str(root / "out" / "model.safetensors"))
+    assert out["enc.layers.0.mlp.fc1.weight"].dtype == torch.bfloat16  # auto: the base's dtype
+    assert torch.equal(out["enc.position_ids"], base["enc.position_ids"])  # integer buffer copied
+    assert torch.equal(out["head.weight"], base["head.weight"])  # passthrough
+    rows = {r["key"]: r for r in res.manifest["tensors"]}
+    assert rows["head.weight"]["action"] == "copied" and "passthrough" in rows["head.weight"]["reason"]
+    assert rows["enc.position_ids"]["action"] == "copied"
+    assert rows["enc.layers.0.mlp.fc1.weight"]["action"] == "merged"
+    assert res.manifest["coverage"] == {"total": len(base), "merged": 6, "copied": 2}
+
+    merging.merge(_spec(root, output={"uri": str(root / "out32"), "dtype": "float32"}))
+    out32 = load_file(str(root / "out32" / "model.safetensors"))
+    assert out32["enc.layers.0.mlp.fc1.weight"].dtype == torch.float32
+    assert out32["enc.position_ids"].dtype == torch.int64
+    # computed in float32 from the bf16 inputs, then cast: the bf16 output is the rounded float32 output
+    assert torch.equal(out32["enc.layers.0.mlp.fc1.weight"].to(torch.bfloat16), out["enc.layers.0.mlp.fc1.weight"])
+
+
+def test_output_directory_is_complete_and_hashed(ckpts):
+    root, _ = ckpts
+    res = merging.merge(_spec(root))
+    names = sorted(os.listdir(root / "out"))
+    assert names == ["README.md", "diagnostics.json", "merge.json", "model.safetensors"]
+    manifest = json.loads((root / "out" / "merge.json").read_text())
+    import hashlib
+    for name, info in manifest["files"].items():
+        assert hashlib.sha256((root / "out" / name).read_bytes()).hexdigest() == info["sha256"]
+    assert [i["name"] for i in manifest["inputs"]] == ["base", "expert 'task0'", "expert 'task1'", "expert 'task2'"]
+    for inp in manifest["inputs"]:
+        for fname, digest in inp["files"].items():
+            assert len(digest) == 64
+    card = (root / "out" / "README.md").read_text()
+    assert "task_arithmetic" in card and manifest["inputs"][1]["files"]["e0.safetensors"] in card
+    assert res.manifest["params"]["alpha"] == 0.5
+
+
+def test_existing_output_is_refused_then_replaced_with_overwrite(ckpts):
+    root, _ = ckpts
+    merging.merge(_spec(root))
+    before = (root / "out" / "model.safetensors").read_bytes()
+    with pytest.raises(merging.MergeError, match="output.uri"):
+        merging.merge(_spec(root, params={"alpha": 1.0}))
+    assert (root / "out" / "model.safetensors").read_bytes() == before
+    merging.merge(_spec(root, params={"alpha": 1.0}, output={"uri": str(root / "out"), "overwrite": True}))
+    assert (root / "out" / "model.safetensors").read_bytes() != before
+    assert not [p for p in os.listdir(root) if ".old-" in p or ".partial-" in p]
+
+
+def test_esm_spill_is_cleaned_up(tmp_path):
+    torch.manual_seed(0)
+    keys = {f"blocks.{i}.mlp.c_fc.weight": (16, 4) for i in range(2)}
+    save_file({k: torch.zeros(s) for k, s in keys.items()}, str(tmp_path / "base.safetensors"))
+    experts = []
+    for t in range(2):
+        save_file({k: torch.randn(s) for k, s in keys.items()}, str(tmp_path / f"e{t}.safetensors"))
+        save_file({k: torch.randn(30, 4) for k in keys}, str(tmp_path / f"c{t}.safetensors"))
+        experts.append({"uri": str(tmp_path / f"e{t}.safetensors"), "calibration": {"uri": str(tmp_path / f"c{t}.safetensors")}})
+    res = merging.merge({"method": "esm", "base": {"uri": str(tmp_path / "base.safetensors")}, "experts": experts,
+                         "output": {"uri": str(tmp_path / "out")}})
+    assert sorted(os.listdir(tmp_path / "out")) == ["README.md", "diagnostics.json", "merge.json", "model.safetensors"]
+    rows = {r["key"]: r for r in res.manifest["tensors"]}
+    assert all(r["group"] == "mlp_up" for r in rows.values())
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    norms = [out[k].norm() for k in keys]
+    assert all(torch.isfinite(n) for n in norms)
+
+
+def test_manifest_redacts_credentials_in_uris():
+    from merging.io.sources import redact_uri
+    assert redact_uri("https://user:pw@host.example/m/model.safetensors?X-Amz-Signature=abc#x") == "https://host.example/m/model.safetensors"
+    assert redact_uri("s3://bucket/key?versionId=1") == "s3://bucket/key"
+    assert redact_uri("/local/path?odd") == "/local/path?odd"  # local paths are names, not URLs
+
+
+def test_side_files_beside_a_standard_weight_file(tmp_path):
+    torch.manual_seed(0)
+    (tmp_path / "base").mkdir()
+    save_file({"w": torch.zeros(4, 4)}, str(tmp_path / "base" / "model.safetensors"))
+    (tmp_path / "base" / "config.json").write_text('{"model_type": "bert"}')
+    for t in range(2):
+        save_file({"w": torch.randn(4, 4)}, str(tmp_path / f"e{t}.safetensors"))
+    merging.merge({"method": "weight_average", "base": {"uri": str(tmp_path / "base" / "model.safetensors")},
+                   "experts": [{"uri": str(tmp_path / f"e{t}.safetensors")} for t in range(2)],
+                   "output": {"uri": str(tmp_path / "out")}})
+    assert (tmp_path / "out" / "config.json").read_text() == '{"model_type": "bert"}'
+
+
+def test_values_that_overflow_the_compute_dtype_are_named(tmp_path):
+    big = torch.full((4, 4), 1e300, dtype=torch.float64)
+    save_file({"w": big}, str(tmp_path / "base.safetensors"))
+    for t in range(2):
+        save_file({"w": big.clone()}, str(tmp_path / f"e{t}.safetensors"))
+    spec = {"method": "weight_average", "base": {"uri": str(tmp_path / "base.safetensors")},
+            "experts": [{"uri": str(tmp_path / f"e{t}.safetensors")} for t in range(2)], "output": {"uri": str(tmp_path / "out")}}
+    with pytest.raises(merging.MergeError, match=r"tensor 'w' overflows float32.*compute_dtype"):
+        merging.merge(spec)
+    spec["options"] = {"compute_dtype": "float64"}
+    merging.merge(spec)
+    assert torch.equal(load_file(str(tmp_path / "out" / "model.safetensors"))["w"], big)
+
+
+def test_diagnostics_sampled_full_and_off(ckpts):
+    root, base = ckpts
+    res = merging.merge(_spec(root))
+    diag = json.loads((root / "out" / "diagnostics.json").read_text())
+    assert res.diagnostics["format"] == diag["format"] == "submerge.diagnostics/1"
+    assert diag["sampling"]["sampled"] is True and 0 < len(diag["sampling"]["svd_layers"]) <= 6
+    assert {row["key"] for row in diag["layers"]} == {k for k in base if k != "enc.position_ids"}
+    assert diag["errors"] == []
+    assert json.loads((root / "out" / "merge.json").read_text())["files"]["diagnostics.json"]["sha256"]
+    full = merging.merge(_spec(root, output={"uri": str(root / "full")}, options={"diagnostics": "full"})).diagnostics
+    assert len(full["sampling"]["svd_layers"]) == 7  # every matrix key: 6 fc1 + head
+    merging.merge(_spec(root, output={"uri": str(root / "off")}, options={"diagnostics": "off"}))
+    assert not (root / "off" / "diagnostics.json").exists()

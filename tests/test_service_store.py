@@ -1,0 +1,129 @@
+"""The job store on SQLite and PostgreSQL (127.0.0.1:5432, skipped only when unreachable):
+alembic migrations, idempotent creation, exclusive claims, lease reaping with the attempt cap."""
+from __future__ import annotations
+
+import datetime as dt
+import threading
+
+import pytest
+from sqlalchemy import update
+
+from service.db import get_engine, upgrade
+from service.models import Job, utcnow
+from service.store import IdempotencyConflict, JobStore
+from tests.service_fixtures import *  # noqa: F401,F403
+from tests.service_fixtures import job_spec, service_settings, write_family
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/store.db"
+    return request.getfixturevalue("pg_database_url")
+
+
+def _expire(store: JobStore, job_id: str) -> None:
+    with store.Session.begin() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(lease_until=utcnow() - dt.timedelta(seconds=1)))
+
+
+def test_migrations_match_models_and_are_idempotent(db_url):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from service.models import Base
+    upgrade(db_url)
+    upgrade(db_url)  # second run: nothing to do
+    with get_engine(db_url).connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+        assert diff == [], diff
+        assert MigrationContext.configure(conn).get_current_revision() == "0001"
+
+
+def test_idempotent_create_claim_heartbeat_finish(db_url):
+    upgrade(db_url)
+    store = JobStore(db_url)
+    j, created = store.create(tenant="t", method="m", spec={"a": 1}, requested_output=None, max_attempts=2,
+                              idempotency_key="k", request_hash="h1")
+    assert created
+    again, created = store.create(tenant="t", method="m", spec={"a": 1}, requested_output=None, max_attempts=2,
+                                  idempotency_key="k", request_hash="h1")
+    assert not created and again.id == j.id
+    with pytest.raises(IdempotencyConflict):
+        store.create(tenant="t", method="m", spec={}, requested_output=None, max_attempts=2, idempotency_key="k", request_hash="h2")
+    other, created = store.create(tenant="u", method="m", spec={}, requested_output=None, max_attempts=2,
+                                  idempotency_key="k", request_hash="h2")
+    assert created and other.id != j.id
+
+    # many workers race for one job: exactly one claims it
+    wins = []
+    barrier = threading.Barrier(6)
+
+    def claim(i):
+        barrier.wait()
+        if store.claim(j.id, f"w{i}", 30):
+            wins.append(i)
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(6)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert len(wins) == 1
+    w = f"w{wins[0]}"
+    assert store.heartbeat(j.id, w, 30, progress={"phase": "merge", "progress_done": 3, "progress_total": 9,
+                                                   "phase_started_at": utcnow()}) == "running"
+    assert store.heartbeat(j.id, "someone-else", 30) is None
+    assert store.get(j.id).progress_done == 3
+    assert store.cancel(j.id, "t").status == "cancelling"
+    assert store.heartbeat(j.id, w, 30) == "cancelling"
+    assert store.finish(j.id, w, "cancelled", error=("cancelled", "x"))
+    assert not store.finish(j.id, w, "succeeded")
+    assert store.get(j.id).status == "cancelled"
+    assert store.get(j.id, tenant="u") is None
+    assert [e.type for e in store.events(j.id)] == ["queued", "started", "cancel_requested", "finished"]
+
+
+def test_reap_requeues_then_fails_worker_lost(db_url):
+    upgrade(db_url)
+    store = JobStore(db_url)
+    j, _ = store.create(tenant="t", method="m", spec={}, requested_output=None, max_attempts=2)
+    assert store.claim(j.id, "w1", 30)
+    assert store.reap() == []  # lease still valid
+    _expire(store, j.id)
+    [r] = store.reap()
+    assert (r.job_id, r.outcome) == (j.id, "requeued")
+    job = store.get(j.id)
+    assert job.status == "queued" and job.attempts == 1 and job.worker is None
+    assert store.heartbeat(j.id, "w1", 30) is None  # the dead worker, if it comes back, has lost the job
+    assert store.claim(j.id, "w2", 30).attempts == 2
+    _expire(store, j.id)
+    [r] = store.reap()
+    assert r.outcome == "failed"
+    job = store.get(j.id)
+    assert job.status == "failed" and job.error_code == "worker_lost" and job.attempts == 2
+    assert store.claim(j.id, "w3", 30) is None
+    assert [e.type for e in store.events(j.id)] == ["queued", "started", "retry", "started", "finished"]
+    counts = store.counts_by_status()
+    assert counts == {"failed": 1}
+    buckets, total, n = store.duration_histogram()
+    assert n == 1 and buckets[-1][1] == 1
+
+
+def test_list_pagination(db_url):
+    upgrade(db_url)
+    store = JobStore(db_url)
+    ids = [store.create(tenant="t", method="m", spec={}, requested_output=None, max_attempts=1)[0].id for _ in range(5)]
+    store.create(tenant="other", method="m", spec={}, requested_output=None, max_attempts=1)
+    page1 = store.list("t", limit=3)
+    page2 = store.list("t", limit=3, before_seq=page1[-1].seq)
+    assert [j.id for j in page1 + page2] == list(reversed(ids))
+    assert store.list("t", status="succeeded") == []
+
+
+def test_api_end_to_end_on_postgresql(api, pg_database_url, checkpoints, tmp_path):
+    srv = api(service_settings(tmp_path, database_url=pg_database_url))
+    base, experts = write_family(checkpoints)
+    with srv.client() as c:
+        job = srv.wait(c, c.post("/v1/merges", json=job_spec(base, experts), headers={"Idempotency-Key": "pg"}).json()["id"])
+        assert job["status"] == "succeeded"
+        assert c.post("/v1/merges", json=job_spec(base, experts), headers={"Idempotency-Key": "pg"}).json()["id"] == job["id"]
+        assert c.get("/readyz").json()["checks"]["database"] == {"ok": True}
+        assert 'submerge_jobs{status="succeeded"} 1' in c.get("/metrics").text.splitlines()
