@@ -104,9 +104,19 @@ def _open_file(uri: str, label: str, cfg: IOConfig) -> CalibrationFile:
     return CalibrationFile(label, uri, metas, None if loc.remote else loc.path)
 
 
-def open_calibration(spec, cfg: IOConfig) -> CalibrationSet:
+def open_calibration(spec, cfg: IOConfig, overrides: dict[str, str] | None = None) -> CalibrationSet:
+    """One statistics file per expert: ``overrides[name]`` (statistics captured from the expert's
+    ``calibration.data``), else ``calibration.uri``."""
+    overrides = overrides or {}
     labels = [f"expert {n!r}" for n in spec.expert_names()]
-    files = [(_open_file(e.calibration.uri, label, cfg) if e.calibration else None) for e, label in zip(spec.experts, labels)]
+    files = []
+    for e, name, label in zip(spec.experts, spec.expert_names(), labels):
+        uri = overrides.get(name) or (e.calibration.uri if e.calibration else None)
+        if uri is None and e.calibration is not None:
+            raise CalibrationError(f"{label}: calibration.data holds samples whose statistics have not been captured; "
+                                   "submit the job to the service (which captures them) or run `submerge calibrate` "
+                                   "and pass the file as calibration.uri")
+        files.append(_open_file(uri, label, cfg) if uri else None)
     cs = CalibrationSet(files, labels)
     cs._cfg = cfg
     return cs

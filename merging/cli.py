@@ -284,6 +284,14 @@ def format_merge_summary(s: dict[str, Any]) -> str:
     lines.append(f"    {'total':<{w}}  {format_bytes(total_size):>10}")
     timings = ", ".join(f"{k} {v:.2f}s" for k, v in s["timings_s"].items() if k != "total")
     lines.append(f"  time      {s['wall_s']:.2f}s wall" + (f" ({timings})" if timings else ""))
+    ev = s.get("evaluation")
+    if ev:
+        if ev.get("chosen_alpha") is not None:
+            lines.append(f"  alpha     {ev['chosen_alpha']:g} (chosen on validation data)")
+        avg = ev.get("average") or {}
+        lines.append("  accuracy  " + ", ".join(f"{k} {v:.4f}" for k, v in avg.items() if isinstance(v, (int, float))))
+        for task, acc in (ev.get("tasks") or {}).items():
+            lines.append(f"    {task:<{w}}  {acc:.4f}")
     return "\n".join(lines)
 
 
@@ -294,13 +302,25 @@ def cmd_merge(args: argparse.Namespace) -> int:
     spec = apply_overrides(load_spec_file(args.spec), output=args.output, overwrite=args.overwrite, device=args.device,
                            workers=args.workers)
     reporter = None if args.quiet else ProgressReporter(sys.stderr)
+    # The `submerge` entry point runs the whole job pipeline (calibration capture, α search,
+    # evaluation) through `runner`; the bare library CLI can only merge.
+    runner = getattr(args, "runner", None) or merge
     t0 = time.perf_counter()
     try:
-        result = merge(spec, progress=reporter)
+        out = runner(spec, progress=reporter)
     finally:
         if reporter is not None:
             reporter.close()
+    result = getattr(out, "merge", out)
     summary = merge_summary(result, time.perf_counter() - t0)
+    evaluation = getattr(out, "evaluation", None)
+    if evaluation is not None:
+        summary["evaluation"] = {"average": evaluation.get("average"),
+                                 "tasks": {r["task"]: r["merged"] for r in evaluation.get("tasks", [])}}
+        if "alpha_search" in evaluation:
+            summary["evaluation"]["chosen_alpha"] = evaluation["alpha_search"]["chosen_alpha"]
+        if args.json:
+            summary["evaluation"] = evaluation  # the full report section
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

@@ -10,6 +10,7 @@ import concurrent.futures
 import datetime as _dt
 import fnmatch
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -88,6 +89,7 @@ def open_inputs(spec: MergeSpec, cfg: IOConfig) -> tuple[Checkpoint, list[Checkp
 def build_plan(spec: MergeSpec, base: Checkpoint, experts: list[Checkpoint]) -> list[PlanItem]:
     """Check that every expert matches the base key for key (names, shapes, dtypes); decide each key's action."""
     base_keys = set(base.metas)
+    passthrough_patterns = spec.effective_passthrough()
     for ex in experts:
         missing = [k for k in base.metas if k not in ex.metas]
         if missing:
@@ -98,6 +100,8 @@ def build_plan(spec: MergeSpec, base: Checkpoint, experts: list[Checkpoint]) -> 
             more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
             raise IncompatibleCheckpointsError(f"{ex.label} has tensor {extra[0]!r}{more} that the base lacks")
         for k, m in base.metas.items():
+            if any(fnmatch.fnmatchcase(k, p) for p in passthrough_patterns):
+                continue  # copied from the base: the experts' own copies may differ (per-task heads)
             em = ex.metas[k]
             if em.shape != m.shape:
                 raise IncompatibleCheckpointsError(f"tensor {k!r}: {ex.label} has shape {list(em.shape)}, base has {list(m.shape)}")
@@ -114,7 +118,7 @@ def build_plan(spec: MergeSpec, base: Checkpoint, experts: list[Checkpoint]) -> 
             plan.append(PlanItem(key, role, m.shape, m.dtype, m.dtype, "copy", "non-floating tensor: kept from base"))
             continue
         out = m.dtype if requested == "auto" else _DTYPES[requested]
-        passthrough = next((p for p in spec.passthrough if fnmatch.fnmatchcase(key, p)), None)
+        passthrough = next((p for p in passthrough_patterns if fnmatch.fnmatchcase(key, p)), None)
         if passthrough:
             plan.append(PlanItem(key, role, m.shape, m.dtype, out, "copy", f"passthrough pattern {passthrough!r}"))
         else:
@@ -180,6 +184,43 @@ def _finish(base: torch.Tensor, merged: torch.Tensor, coefficient: float, item: 
     return out
 
 
+class TaskVector:
+    """The merged task vector before α, as ``choose_alpha`` sees it: θ(α) = θ0 + c(α)·τ per merged
+    key, with c(α) = α for α-scaled keys and 1 for the others (ESM's non-ESD keys). Keys not
+    listed are copied from the base. Tensors come back in checkpoint layout, on the CPU, in the
+    compute dtype; each ``read`` loads one key from the engine's spill directory."""
+
+    def __init__(self, base: Checkpoint, deferred: dict, factors: dict[str, float], scaled: dict[str, bool],
+                 device: torch.device, dtype: torch.dtype):
+        self._base, self._deferred, self._factors, self._scaled = base, deferred, factors, scaled
+        self._device, self._dtype = device, dtype
+
+    def keys(self) -> list[str]:
+        return list(self._deferred)
+
+    def alpha_scaled(self, key: str) -> bool:
+        return self._scaled[key]
+
+    def read(self, key: str) -> torch.Tensor:
+        path, item, _, _ = self._deferred[key]
+        tau = torch.load(path, weights_only=True) * self._factors.get(key, 1.0)
+        return tau.mT.contiguous() if item.role.transposed and len(item.shape) == 2 else tau
+
+    def base(self, key: str) -> torch.Tensor:
+        return self._base.read(key)
+
+    def state(self, alpha: float, taus: dict[str, torch.Tensor] | None = None,
+              bases: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """θ(α) for every merged key (in the compute dtype); pass preloaded ``taus``/``bases`` to
+        avoid re-reading them for each α."""
+        out = {}
+        for key in self._deferred:
+            tau = taus[key] if taus is not None else self.read(key)
+            b = bases[key] if bases is not None else self.base(key)
+            out[key] = b.to(tau.dtype) + (alpha if self._scaled[key] else 1.0) * tau
+        return out
+
+
 @dataclass
 class Preflight:
     """What merge() establishes before reading any tensor (see ``preflight``)."""
@@ -190,7 +231,7 @@ class Preflight:
     output_problem: str | None  # why publishing would fail (e.g. the target exists), or None
 
 
-def _prepare(spec: MergeSpec, cfg: IOConfig):
+def _prepare(spec: MergeSpec, cfg: IOConfig, calibration_files: dict[str, str] | None = None):
     """Open headers, build the plan, open calibration, run the method's pre-flight check."""
     params = spec.method_params()
     method_cls = get_method(spec.method)
@@ -201,7 +242,7 @@ def _prepare(spec: MergeSpec, cfg: IOConfig):
         calibration = None
         if method_cls.needs_calibration:
             from merging.calibration import open_calibration
-            calibration = open_calibration(spec, cfg)
+            calibration = open_calibration(spec, cfg, calibration_files)
         ctx = MergeContext(spec.expert_names(), device, _DTYPES[spec.options.compute_dtype], calibration)
         method: MergeMethod = method_cls(params, ctx)
         method.check_plan([(p.key, p.role, p.shape) for p in plan if p.action == "merge"])
@@ -212,13 +253,13 @@ def _prepare(spec: MergeSpec, cfg: IOConfig):
     return base, experts, plan, ctx, method
 
 
-def preflight(spec: MergeSpec | dict, io: IOConfig | None = None) -> Preflight:
+def preflight(spec: MergeSpec | dict, io: IOConfig | None = None, *, calibration_files: dict[str, str] | None = None) -> Preflight:
     """Every check merge() makes before reading a tensor, with no side effects: the spec, the
     checkpoint headers (keys, shapes, dtypes), the plan and roles, calibration coverage, the
     method's own checks, and whether the output target can be published to."""
     spec = load_spec(spec)
     cfg = io or IOConfig()
-    base, experts, plan, _, _ = _prepare(spec, cfg)
+    base, experts, plan, _, _ = _prepare(spec, cfg, calibration_files)
     for ck in (base, *experts):
         ck.close()
     problem = None
@@ -230,12 +271,22 @@ def preflight(spec: MergeSpec | dict, io: IOConfig | None = None) -> Preflight:
 
 
 def merge(spec: MergeSpec | dict, progress: Callable[[ProgressEvent], Any] | None = None, *,
-          io: IOConfig | None = None, should_cancel: Callable[[], bool] | None = None) -> MergeResult:
+          io: IOConfig | None = None, should_cancel: Callable[[], bool] | None = None,
+          calibration_files: dict[str, str] | None = None,
+          choose_alpha: Callable[["TaskVector"], float] | None = None) -> MergeResult:
     """Run a merge job end to end. Raises a ``MergeError`` (with ``code``) on any bad input.
+
+    ``calibration_files`` maps an expert name to a statistics file that replaces its
+    ``calibration`` entry (how captured statistics reach the engine). ``choose_alpha`` is called
+    once every key is merged, with the merged task vector before α (``TaskVector``); the α it
+    returns is the one written. It is required when ``params.alpha`` is ``"auto"``.
 
     On any failure nothing is published at ``output.uri`` and the staging area is removed.
     """
     spec = load_spec(spec)
+    if spec.alpha_auto and choose_alpha is None:
+        raise SpecError("params.alpha: 'auto' needs an α search over validation data; run the job through the "
+                        "service or the `submerge merge` command, which evaluate the merged model", field="params.alpha")
     cfg = io or IOConfig()
     emit = _Progress(progress, should_cancel)
     timings: dict[str, float] = {}
@@ -247,7 +298,7 @@ def merge(spec: MergeSpec | dict, progress: Callable[[ProgressEvent], Any] | Non
     hasher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
     try:
         publisher.check_target()
-        base, experts, plan, ctx, method = _prepare(spec, cfg)
+        base, experts, plan, ctx, method = _prepare(spec, cfg, calibration_files)
         device, dtype = ctx.device, ctx.dtype
         params = method.params
         merged_items = [p for p in plan if p.action == "merge"]
@@ -274,6 +325,7 @@ def merge(spec: MergeSpec | dict, progress: Callable[[ProgressEvent], Any] | Non
             spill_dir = os.path.join(publisher.staging, ".spill")
             deferred: dict[str, tuple[str, PlanItem, str, float]] = {}
             norms: dict[str, dict[str, float]] = {}
+            scaled: dict[str, bool] = {}
             coverage = []
 
             def compute(item: PlanItem, base_t: torch.Tensor, job: TensorJob):
@@ -283,7 +335,10 @@ def merge(spec: MergeSpec | dict, progress: Callable[[ProgressEvent], Any] | Non
                 if collector is not None:
                     collector.observe(job, merged)
                 coefficient = method.coefficient(job)
+                scaled[item.key] = method.alpha_scaled(job)
                 group = method.rescale_group(job)
+                if group is None and choose_alpha is not None:
+                    group = ""  # every key waits on disk until α is chosen
                 if group is None:
                     return _finish(base_t, merged, coefficient, item).cpu(), coefficient, group, None
                 return merged.cpu(), coefficient, group, float(torch.linalg.vector_norm(merged))
@@ -296,9 +351,10 @@ def merge(spec: MergeSpec | dict, progress: Callable[[ProgressEvent], Any] | Non
                     os.makedirs(spill_dir, exist_ok=True)
                     path = os.path.join(spill_dir, f"{i}.pt")
                     torch.save(tensor, path)
-                    norms.setdefault(group, {})[item.key] = norm
+                    if group:
+                        norms.setdefault(group, {})[item.key] = norm
                     deferred[item.key] = (path, item, group, coefficient)
-                coverage.append(_coverage(item, "merged", coefficient=coefficient, group=group))
+                coverage.append(_coverage(item, "merged", coefficient=coefficient, group=group or None))
 
             # The main thread reads inputs and writes outputs in plan order; a small pool merges
             # up to `workers` tensors at once, each single-threaded.
@@ -344,6 +400,21 @@ def merge(spec: MergeSpec | dict, progress: Callable[[ProgressEvent], Any] | Non
                 factors = method.group_factors(norms)
                 if collector is not None:
                     collector.rescale(factors)
+                if choose_alpha is not None:
+                    emit("alpha search", 0, 1, message="choosing α on validation data")
+                    alpha = float(choose_alpha(TaskVector(base, deferred, factors, scaled, device, dtype)))
+                    if not math.isfinite(alpha):
+                        raise MergeError(f"the α search returned {alpha}", code="evaluation_failed")
+                    params = params.model_copy(update={"alpha": alpha})
+                    method.params = params
+                    deferred = {key: (path, item, group, alpha if scaled[key] else 1.0)
+                                for key, (path, item, group, _) in deferred.items()}
+                    for row in coverage:
+                        if row["key"] in deferred:
+                            row["coefficient"] = deferred[row["key"]][3]
+                    emit("alpha search", 1, 1)
+                    timings["alpha_search"] = time.perf_counter() - t
+                    t = time.perf_counter()
                 for j, (key, (path, item, group, coefficient)) in enumerate(deferred.items()):
                     emit("rescale", j, len(deferred), key)
                     merged = torch.load(path, weights_only=True).to(device)
@@ -355,12 +426,15 @@ def merge(spec: MergeSpec | dict, progress: Callable[[ProgressEvent], Any] | Non
                 os.rmdir(spill_dir)
                 timings["rescale"] = time.perf_counter() - t
 
-        emit("finalize", 0, 1, message="hashing and writing manifest")
         t = time.perf_counter()
         names = writer.close()
         diagnostics = None
         if collector is not None:
+            emit("diagnostics", 0, 1, message="spectra, SAR, STI, HO-GSVD")
             diagnostics = collector.finish()
+            emit("diagnostics", 1, 1)
+        emit("finalize", 0, 1, message="hashing and writing manifest")
+        if collector is not None:
             # The artifact is a pure function of the inputs (like the model); what the analysis cost
             # goes to merge.json's timings instead.
             cost = diagnostics.pop("cost_s", {})
@@ -432,12 +506,13 @@ def _collector(spec: MergeSpec, params, plan: list[PlanItem]):
 
 def _redacted_spec(spec: MergeSpec) -> dict:
     """The spec as recorded in merge.json and the model card: URIs without credentials or signatures."""
-    data = spec.model_dump(mode="json", by_alias=True)
-    for ref in [data["base"], data["output"], *data["experts"], *(e["calibration"] for e in data["experts"] if e.get("calibration"))]:
-        ref["uri"] = redact_uri(ref["uri"])
-    if data.get("callback_url"):
-        data["callback_url"] = redact_uri(data["callback_url"])
-    return data
+    def walk(obj):
+        if isinstance(obj, dict):
+            return {k: (redact_uri(v) if k in ("uri", "callback_url") and isinstance(v, str) else walk(v)) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [walk(v) for v in obj]
+        return obj
+    return walk(spec.model_dump(mode="json", by_alias=True))
 
 
 def _coverage(item: PlanItem, action: str, **extra) -> dict:

@@ -33,10 +33,31 @@ class CheckpointRef(_Strict):
     revision: str | None = Field(None, description="For hf:// URIs: a branch, tag or commit to pin (same as @revision in the URI).")
 
 
+class DataRef(_Strict):
+    uri: str = Field(min_length=1, description="Rows of task data: JSONL, JSON (a list of objects), CSV or parquet; local path, file://, s3:// or http(s)://.")
+    format: Literal["auto", "jsonl", "json", "csv", "parquet"] = Field("auto", description="'auto' goes by the file extension (.gz allowed).")
+
+
 class CalibrationRef(_Strict):
-    uri: str = Field(min_length=1, description=(
+    """ESM's layer-input statistics for one expert: precomputed (``uri``) or captured by the worker
+    from unlabeled samples (``data``)."""
+    uri: str | None = Field(None, min_length=1, description=(
         "safetensors file mapping a weight key to the layer inputs it saw (2-D, one row per token), "
-        "or to their Gram matrix under '<key>:gram' with the token count under '<key>:count'."))
+        "or to their Gram matrix under '<key>:gram' with the token count under '<key>:count' "
+        "(what `submerge calibrate` writes)."))
+    data: DataRef | None = Field(None, description=(
+        "Unlabeled samples: the expert's fine-tuned model is run on the first `samples` rows and the Gram "
+        "matrix of every linear layer's inputs is captured (cached by checkpoint, data and samples)."))
+    samples: int = Field(32, ge=1, le=100_000, description="Rows of `data` to run (with data only).")
+    text_field: str = Field("text", min_length=1, description="Field of a row holding its text (with data only).")
+    max_length: int = Field(128, ge=2, le=8192, description="Tokens per sample, longer texts are truncated (with data only).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "CalibrationRef":
+        if (self.uri is None) == (self.data is None):
+            raise ValueError("calibration: give either 'uri' (precomputed statistics) or 'data' (samples to capture them from), "
+                             + ("not both" if self.uri else "one is required"))
+        return self
 
 
 class ExpertRef(CheckpointRef):
@@ -79,6 +100,57 @@ class RunOptions(_Strict):
         "(measured faster on 2 cores); more can pay off on many-core machines."))
 
 
+EVALUATORS = ("text_zero_shot", "sequence_classification")
+Evaluator = Literal["text_zero_shot", "sequence_classification"]
+
+
+class TaskSpec(_Strict):
+    """One expert's task: its data and how the merged model is scored on it."""
+    expert: str = Field(min_length=1, description="Name of the expert fine-tuned on this task.")
+    name: str | None = Field(None, description="Task name in the report; defaults to the expert's name.")
+    test: DataRef = Field(description="Rows scored for the report.")
+    validation: DataRef | None = Field(None, description="Rows scored while choosing α (params.alpha = 'auto').")
+    evaluator: Evaluator | None = Field(None, description="Overrides evaluation.evaluator for this task.")
+    text_field: str = Field("text", min_length=1)
+    label_field: str = Field("label", min_length=1)
+    labels: list[str] | None = Field(None, min_length=2, description=(
+        "Class names in class-index order. text_zero_shot needs them (one prompt per class); a row's label "
+        "may be a class index or one of these names."))
+    prompt: str = Field("{label}", description="text_zero_shot: the prompt of class c is prompt.format(label=labels[c]).")
+    max_samples: int | None = Field(None, ge=1, description="Score at most this many rows of each split (the first ones).")
+
+    @field_validator("prompt")
+    @classmethod
+    def _has_label(cls, v: str) -> str:
+        if "{label}" not in v:
+            raise ValueError("prompt must contain '{label}'")
+        return v
+
+
+class EvaluationSpec(_Strict):
+    evaluator: Evaluator = Field("text_zero_shot", description=(
+        "text_zero_shot: normalized mean-pooled sentence embeddings scored against label-prompt embeddings of the base "
+        "model (cosine logits); sequence_classification: each expert's own head on the merged backbone."))
+    adapter: str = Field("hf_transformers", description=(
+        "How a checkpoint becomes a runnable model: 'hf_transformers' (a transformers model directory with config.json "
+        "and tokenizer), or 'python:package.module:function' for a custom loader."))
+    tasks: list[TaskSpec] = Field(min_length=1)
+    baselines: bool = Field(True, description=(
+        "Also score the base (zero-shot) and each expert on its own task, for normalized accuracy and NAI "
+        "(cached per checkpoint and data)."))
+    heads: list[str] = Field(default_factory=lambda: ["classifier.*"], description=(
+        "sequence_classification: glob patterns of the head tensors. They are not merged (copied from the base); "
+        "each task is scored with its expert's head."))
+    batch_size: int = Field(32, ge=1, le=4096)
+    max_length: int = Field(128, ge=2, le=8192, description="Tokens per text; longer texts are truncated.")
+
+    def evaluator_of(self, task: TaskSpec) -> str:
+        return task.evaluator or self.evaluator
+
+    def uses(self, evaluator: str) -> bool:
+        return any(self.evaluator_of(t) == evaluator for t in self.tasks)
+
+
 class MergeSpec(_Strict):
     method: str = Field(description="Method id, see GET /v1/methods or `submerge methods`.")
     params: dict[str, Any] = Field(default_factory=dict, description="Method parameters; validated against the method's schema.")
@@ -88,6 +160,8 @@ class MergeSpec(_Strict):
     roles: list[RoleOverrideSpec] = Field(default_factory=list, description="Layer-role overrides; first match wins.")
     passthrough: list[str] = Field(default_factory=list, description="Glob patterns of keys copied from the base unmerged.")
     options: RunOptions = Field(default_factory=RunOptions)
+    evaluation: EvaluationSpec | None = Field(None, description=(
+        "Score the merged model on each expert's task data (report.json 'evaluation'); needed for params.alpha = 'auto'."))
     callback_url: str | None = Field(None, pattern=r"^https?://", description=(
         "Service only: POSTed when the job finishes, signed Standard-Webhooks style. The library ignores it."))
 
@@ -116,10 +190,39 @@ class MergeSpec(_Strict):
             raise ValueError(f"experts: duplicate expert name(s) {dup}")
         params = self.method_params()  # raises a ValueError that names params.<field>
         from merging.registry import get_method
-        problem = get_method(self.method).check_experts(params, len(self.experts))
+        method = get_method(self.method)
+        problem = method.check_experts(params, len(self.experts))
         if problem:
             raise ValueError(problem)
+        if self.evaluation is not None:
+            for i, task in enumerate(self.evaluation.tasks):
+                if task.expert not in names:
+                    raise ValueError(f"evaluation.tasks.{i}.expert: no expert named {task.expert!r} (experts: {names})")
+                if self.evaluation.evaluator_of(task) == "text_zero_shot" and not task.labels:
+                    raise ValueError(f"evaluation.tasks.{i}.labels: text_zero_shot needs the class names (one prompt per class)")
+            tasks = [t.name or t.expert for t in self.evaluation.tasks]
+            dup = sorted({n for n in tasks if tasks.count(n) > 1})
+            if dup:
+                raise ValueError(f"evaluation.tasks: duplicate task name(s) {dup}")
+        if self.alpha_auto:
+            if method.alpha_search is None:
+                raise ValueError(f"params.alpha: 'auto' is not available for method {self.method!r} (it has no α to search)")
+            missing = [] if self.evaluation is None else [i for i, t in enumerate(self.evaluation.tasks) if t.validation is None]
+            if self.evaluation is None or missing:
+                why = ("the spec has no evaluation section" if self.evaluation is None
+                       else f"evaluation.tasks.{missing[0]}.validation is missing")
+                raise ValueError(f"params.alpha: 'auto' chooses α on validation data, but {why}")
         return self
+
+    @property
+    def alpha_auto(self) -> bool:
+        """``params.alpha == "auto"``: α is chosen on validation data (ALGORITHMS.md §0)."""
+        return self.params.get("alpha") == "auto"
+
+    def effective_passthrough(self) -> list[str]:
+        """Passthrough patterns, plus the classification heads when an evaluator keeps per-task heads."""
+        extra = self.evaluation.heads if self.evaluation is not None and self.evaluation.uses("sequence_classification") else []
+        return [*self.passthrough, *(p for p in extra if p not in self.passthrough)]
 
     def expert_names(self) -> list[str]:
         return [e.name or f"expert{i}" for i, e in enumerate(self.experts)]
@@ -128,8 +231,10 @@ class MergeSpec(_Strict):
         """The typed parameter model of the chosen method (validated)."""
         from merging.registry import get_method
         cls = get_method(self.method)
+        # With alpha "auto" the parameter model sees its default; the search replaces it later.
+        params = {k: v for k, v in self.params.items() if not (k == "alpha" and v == "auto")}
         try:
-            return cls.Params.model_validate(self.params)
+            return cls.Params.model_validate(params)
         except ValidationError as e:
             raise ValueError(format_validation_error(e, prefix="params", method=self.method)) from None
 

@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     progress_interval: float = Field(1.0, gt=0, description="Minimum seconds between progress writes to the job store.")
     cancel_poll_interval: float = Field(0.25, gt=0, description="How often a running job checks for cancellation.")
     debug_step_delay: float = Field(0.0, ge=0, description="Test hook: sleep this long per merged tensor.")
+    allow_custom_adapters: bool = Field(False, description=(
+        "Allow evaluation.adapter 'python:module:function' (imports and runs that function on the worker)."))
 
     # -- webhooks --------------------------------------------------------------------------------
     webhook_secret: str | None = Field(None, description="Signing secret (whsec_<base64> or raw text) for callback_url deliveries.")

@@ -135,7 +135,17 @@ def check_spec(spec, settings: Settings) -> None:
     check_uri(spec.base.uri, "base.uri", settings)
     for i, e in enumerate(spec.experts):
         check_uri(e.uri, f"experts.{i}.uri", settings)
-        if e.calibration is not None:
+        if e.calibration is not None and e.calibration.uri is not None:
             check_uri(e.calibration.uri, f"experts.{i}.calibration.uri", settings)
+        if e.calibration is not None and e.calibration.data is not None:
+            check_uri(e.calibration.data.uri, f"experts.{i}.calibration.data.uri", settings)
+    if spec.evaluation is not None:
+        for i, t in enumerate(spec.evaluation.tasks):
+            check_uri(t.test.uri, f"evaluation.tasks.{i}.test.uri", settings)
+            if t.validation is not None:
+                check_uri(t.validation.uri, f"evaluation.tasks.{i}.validation.uri", settings)
+        if spec.evaluation.adapter.startswith("python:") and not settings.allow_custom_adapters:
+            raise PolicyError("evaluation.adapter", "custom Python model adapters are disabled on this service "
+                              "(SUBMERGE_ALLOW_CUSTOM_ADAPTERS)")
     if spec.callback_url:
         check_callback(spec.callback_url, settings)

@@ -8,7 +8,10 @@ the model, is shown when present:
 
 * ``report["evaluation"]["tasks"]``: per-task results, either ``{task: number}``,
   ``{task: {column: value, ...}}`` or ``[{"task": name, column: value, ...}, ...]``;
-* ``report["evaluation"]["alpha_curve"]``: ``[{"alpha": a, "score": s}, ...]``.
+* ``report["evaluation"]["average"]``: a row of column means, shown under the table;
+* ``report["evaluation"]["alpha_search"]``: ``{"chosen_alpha", "curve": [{"alpha", "avg_accuracy",
+  "avg_normalized"}, ...]}`` as ``evaluation.pipeline`` writes it (or the older
+  ``report["evaluation"]["alpha_curve"]``: ``[{"alpha": a, "score": s}, ...]``).
 """
 from __future__ import annotations
 
@@ -336,9 +339,30 @@ def _evaluation(report: dict) -> str:
     parts = []
     cols, rows = _task_rows(ev.get("tasks"))
     if rows:
+        avg = ev.get("average")
+        table_rows = list(rows)
+        if isinstance(avg, dict) and avg:
+            table_rows.append(["average"] + [avg.get(c) if c in avg else "" for c in cols])
+        parts.append(_table(["task"] + cols, table_rows))
+        if isinstance(avg, dict) and avg:
+            parts.append('<p class="note">normalized = merged / expert accuracy; NAI = (merged − base) / (expert − base); '
+                         'base = the base model (zero-shot), expert = each task\'s own fine-tuned model.</p>')
+        series = [c for c in ("base", "merged", "expert_accuracy") if c in cols]
         numeric = [c for i, c in enumerate(cols) if any(_num(r[i + 1]) is not None for r in rows)]
-        parts.append(_table(["task"] + cols, rows))
-        if numeric:
+        if series:
+            fig = _figure(max(5.5, 0.8 * len(rows) + 2), 3.2)
+            ax = fig.add_subplot()
+            width = 0.8 / len(series)
+            for j, c in enumerate(series):
+                ci = cols.index(c) + 1
+                ax.bar([i + (j - (len(series) - 1) / 2) * width for i in range(len(rows))],
+                       [_num(r[ci]) or 0.0 for r in rows], width, label={"expert_accuracy": "expert"}.get(c, c), color=f"C{j}")
+            ax.set_xticks(range(len(rows)), labels=[_short(r[0], 16) for r in rows], rotation=45, ha="right", fontsize=8)
+            ax.set_ylabel("accuracy")
+            ax.legend(fontsize=8)
+            ax.set_title("Per-task accuracy", fontsize=10)
+            parts.append(_img(fig, "per-task accuracy"))
+        elif numeric:
             col = next((c for c in numeric if "acc" in c.lower() or c == "score"), numeric[0])
             ci = cols.index(col) + 1
             fig = _figure(max(5.0, 0.5 * len(rows) + 2), 3.0)
@@ -348,6 +372,26 @@ def _evaluation(report: dict) -> str:
             ax.set_ylabel(col)
             ax.set_title(f"Per-task {col}", fontsize=10)
             parts.append(_img(fig, f"per-task {col}"))
+    search = ev.get("alpha_search")
+    if isinstance(search, dict) and isinstance(search.get("curve"), list):
+        pts = sorted((_num(p.get("alpha")), _num(p.get("avg_accuracy")), _num(p.get("avg_normalized")))
+                     for p in search["curve"] if isinstance(p, dict) and _num(p.get("alpha")) is not None)
+        if pts:
+            fig = _figure(5.5, 3.2)
+            ax = fig.add_subplot()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="C0", ms=3, label="mean accuracy")
+            ax.plot([p[0] for p in pts], [p[2] for p in pts], "s-", color="C2", ms=3, label="mean normalized accuracy")
+            chosen = _num(search.get("chosen_alpha"))
+            if chosen is not None:
+                ax.axvline(chosen, color="C3", ls="--", label=f"chosen α = {chosen:g}")
+            ax.set_xlabel("α (θ = θ0 + α·τ_merged)")
+            ax.set_ylabel("validation score")
+            ax.legend(fontsize=8)
+            ax.set_title("α search on validation data", fontsize=10)
+            parts.append(_img(fig, "alpha curve"))
+            kind = (search.get("search") or {}).get("kind", "")
+            parts.append(f'<p class="note">α search: {_esc(kind)}, {len(pts)} points evaluated; the chosen α maximises '
+                         'the mean normalized accuracy among them.</p>')
     curve = [(_num(p.get("alpha")), _num(p.get("score"))) for p in ev.get("alpha_curve") or [] if isinstance(p, dict)]
     curve = sorted((a, s) for a, s in curve if a is not None and s is not None)
     if curve:

@@ -3,8 +3,9 @@ pool call (``run_job``).
 
 * claims the job in the store (counting the attempt; a duplicate delivery does nothing);
 * removes whatever an interrupted earlier attempt left in the job's storage, so a retry starts clean;
-* runs ``merging.merge`` with output at ``{storage}/{job_id}/model`` (staged and published atomically
-  by merging's Publisher, so no half-written model is ever visible);
+* runs the job pipeline (``evaluation.pipeline.run_pipeline``: calibration capture, ``merging.merge``
+  with α search when asked, evaluation) with output at ``{storage}/{job_id}/model`` (staged and
+  published atomically by merging's Publisher, so no half-written model is ever visible);
 * a monitor thread renews the job's lease, writes phase/progress at most once per
   ``SUBMERGE_PROGRESS_INTERVAL`` and polls for cancellation, which ``should_cancel`` reports to merge();
 * writes ``report.json``, records the result and fires the callback webhook.
@@ -111,7 +112,8 @@ def _artifacts(storage: Storage, job_id: str, files: dict) -> list[dict]:
     return out
 
 
-def _report(job, result, artifacts: list[dict], timings: dict) -> dict:
+def _report(job, outcome, artifacts: list[dict], timings: dict) -> dict:
+    result = outcome.merge
     m = result.manifest
     return {
         "format": "submerge.report/0",
@@ -126,17 +128,20 @@ def _report(job, result, artifacts: list[dict], timings: dict) -> dict:
         "inputs": m.get("inputs"),
         "files": m.get("files"),
         "artifacts": artifacts,
-        "timings_s": {**(m.get("timings_s") or {}), **timings},
+        "timings_s": {**(m.get("timings_s") or {}), **{k: round(v, 3) for k, v in outcome.timings.items()
+                                                         if k != "merge"}, **timings},
         "coverage": {"summary": m.get("coverage"), "tensors": m.get("tensors")},
         "notes": m.get("notes"),
         "diagnostics": result.diagnostics,
+        "calibration": outcome.calibration,
+        "evaluation": outcome.evaluation,
     }
 
 
 def run_job(job_id: str, settings: Settings | None = None, *, stop_event: threading.Event | None = None) -> str:
     """Run one job end to end. Returns the outcome (a job status, or ``skipped`` when the job was
     not claimable, or ``released`` when ``stop_event`` interrupted it and it went back to the queue)."""
-    from merging import merge
+    from evaluation.pipeline import run_pipeline
     from merging.spec import MergeSpec
     from service.policy import PolicyError, check_spec
     from service.webhooks import deliver_async
@@ -175,13 +180,18 @@ def run_job(job_id: str, settings: Settings | None = None, *, stop_event: thread
         spec = MergeSpec.model_validate(job.spec)
         check_spec(spec, settings)
         storage.clear_job(job_id)  # leftovers of an interrupted attempt
-        result = merge(spec, progress=progress, io=settings.io_config(), should_cancel=should_cancel)
+        run = run_pipeline(spec, progress=progress, io=settings.io_config(), should_cancel=should_cancel)
+        result = run.merge
         artifacts = _artifacts(storage, job_id, result.files)
-        report = _report(job, result, artifacts, {"job_wall": round(time.perf_counter() - t0, 3)})
+        report = _report(job, run, artifacts, {"job_wall": round(time.perf_counter() - t0, 3)})
         storage.write_json(job_id, "report.json", report)
-        if result.diagnostics is not None:
+        if result.diagnostics is not None or run.evaluation is not None:
             from workers.report_html import render_report_html
-            storage.write_bytes(job_id, "report.html", render_report_html(result.diagnostics).encode())
+            page = dict(result.diagnostics or {"method": spec.method, "experts": spec.expert_names(),
+                                               "params": result.manifest.get("params")})
+            if run.evaluation is not None:
+                page["evaluation"] = run.evaluation
+            storage.write_bytes(job_id, "report.html", render_report_html(page).encode())
         manifest = {k: v for k, v in result.manifest.items() if k != "tensors"}
         outcome = ("succeeded", None, {
             "model_uri": storage.model_uri(job_id), "report_uri": storage.uri(job_id, "report.json"),

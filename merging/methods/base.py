@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from merging.roles import NON_MATRIX_2D_ROLES, RoleInfo
 
 if TYPE_CHECKING:
+    from merging.alpha import AlphaSearch
     from merging.calibration import CalibrationSet
 
 
@@ -63,6 +64,8 @@ class MergeMethod:
     Params: ClassVar[type[MethodParams]] = MethodParams
     prepasses: ClassVar[int] = 0
     needs_calibration: ClassVar[bool] = False
+    # How params.alpha = "auto" searches α (merging/alpha.py); None: the method has no α to search.
+    alpha_search: ClassVar["AlphaSearch | None"] = None
 
     def __init__(self, params: MethodParams, ctx: MergeContext):
         self.params = params
@@ -87,8 +90,12 @@ class MergeMethod:
     def merge(self, job: TensorJob) -> torch.Tensor:
         raise NotImplementedError
 
+    def alpha_scaled(self, job: TensorJob) -> bool:
+        """Whether this key is written as θ0 + α·τ (True) or θ0 + τ (False, e.g. ESM's non-ESD keys)."""
+        return True
+
     def coefficient(self, job: TensorJob) -> float:
-        return self.params.alpha
+        return self.params.alpha if self.alpha_scaled(job) else 1.0
 
     # -- deferred scaling ------------------------------------------------------------------
     def rescale_group(self, job: TensorJob) -> str | None:

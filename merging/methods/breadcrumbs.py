@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field, model_validator
 
+from merging.alpha import SUM_GRID
 from merging.methods.base import MergeMethod, MethodParams, TensorJob
 from merging.registry import register
 
@@ -25,6 +26,7 @@ class BreadcrumbsParams(MethodParams):
 @register
 class Breadcrumbs(MergeMethod):
     name = "breadcrumbs"
+    alpha_search = SUM_GRID
     summary = "Drop each task vector's largest (γ) and smallest entries, keeping `density`; then Task Arithmetic."
     Params = BreadcrumbsParams
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from merging.alpha import SUM_GRID
 from merging.methods.base import MergeMethod, TensorJob
 from merging.methods.task_arithmetic import SumMethodParams, boost
 from merging.registry import register
@@ -29,6 +30,7 @@ class ConsensusParams(SumMethodParams):
 @register
 class Consensus(MergeMethod):
     name = "consensus"
+    alpha_search = SUM_GRID
     summary = "Task Arithmetic restricted to entries that at least k TALL masks keep; optional Subspace Boosting."
     Params = ConsensusParams
 

@@ -8,6 +8,7 @@ import hashlib
 import torch
 from pydantic import Field
 
+from merging.alpha import SUM_GRID
 from merging.methods.base import MergeMethod, MethodParams, TensorJob
 from merging.registry import register
 
@@ -27,6 +28,7 @@ def key_seed(seed: int, key: str, index: int) -> int:
 @register
 class Dare(MergeMethod):
     name = "dare"
+    alpha_search = SUM_GRID
     summary = "Drop-and-rescale each task vector at random (seeded), then Task Arithmetic."
     Params = DareParams
 

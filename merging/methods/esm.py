@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from merging.alpha import ESM_GOLDEN
 from merging.errors import CalibrationError
 from merging.linalg import polar_with_singular_values
 from merging.methods.base import MergeContext, MergeMethod, MethodParams, TensorJob
@@ -84,6 +85,7 @@ def _complete(vecs: torch.Tensor, evals: torch.Tensor, r: int, count: int, d_out
 @register
 class Esm(MergeMethod):
     name = "esm"
+    alpha_search = ESM_GOLDEN
     summary = "Essential Subspace Merging: activation-shift eigenbasis per task, polarized scaling (needs calibration inputs)."
     Params = EsmParams
     needs_calibration = True
@@ -103,8 +105,8 @@ class Esm(MergeMethod):
                                    "check the key names or set roles in the spec")
         self.ctx.calibration.require(needed)
 
-    def coefficient(self, job: TensorJob) -> float:
-        return self.params.alpha if self.is_esd(job.role, tuple(job.taus.shape[1:])) else 1.0
+    def alpha_scaled(self, job: TensorJob) -> bool:
+        return self.is_esd(job.role, tuple(job.taus.shape[1:]))  # §4.6: α scales only the ESD keys
 
     def rescale_group(self, job: TensorJob) -> str | None:
         if self.params.inter_layer_scaling and job.taus.ndim == 3 and job.role.role in GROUP_ROLES:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from merging.alpha import ISO_GRID
 from merging.linalg import polar_with_singular_values
 from merging.methods.base import MatrixMethod, MethodParams, TensorJob
 from merging.registry import register
@@ -19,6 +20,7 @@ class IsoParams(MethodParams):
 @register
 class IsoC(MatrixMethod):
     name = "iso_c"
+    alpha_search = ISO_GRID
     summary = "Isotropic merging: flatten the spectrum of the task-vector sum to its mean singular value."
     Params = IsoParams
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from merging.alpha import ISO_GRID
 from merging.linalg import polar, polar_with_singular_values, svd, top_singular
 from merging.methods.base import MatrixMethod, TensorJob
 from merging.methods.iso_c import IsoParams
@@ -52,6 +53,7 @@ def iso_cts_matrix(taus: torch.Tensor, fraction: float) -> torch.Tensor:
 @register
 class IsoCTS(MatrixMethod):
     name = "iso_cts"
+    alpha_search = ISO_GRID
     summary = "Isotropic merging with common and task-specific subspaces."
     Params = IsoCTSParams
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from merging.alpha import SUM_GRID
 from merging.methods.base import MergeMethod, MethodParams, TensorJob
 from merging.methods.subspace_boosting import SubspaceBoostingParams, apply_subspace_boosting
 from merging.registry import register
@@ -28,6 +29,7 @@ def boost(merged, job: TensorJob, params: SumMethodParams):
 @register
 class TaskArithmetic(MergeMethod):
     name = "task_arithmetic"
+    alpha_search = SUM_GRID
     summary = "Sum of task vectors scaled by α (Ilharco et al. 2023); optional Subspace Boosting."
     Params = TaskArithmeticParams
 

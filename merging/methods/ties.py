@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from merging.alpha import SUM_GRID
 from merging.methods.base import MergeContext, MergeMethod, TensorJob
 from merging.methods.task_arithmetic import SumMethodParams, boost
 from merging.registry import register
@@ -36,6 +37,7 @@ def _bits(x: torch.Tensor) -> torch.Tensor:
 @register
 class Ties(MergeMethod):
     name = "ties"
+    alpha_search = SUM_GRID
     summary = "Trim to the top-k% magnitudes (global threshold), elect signs by mass, disjoint mean or sum."
     Params = TiesParams
     prepasses = 3

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from merging.alpha import SVD_GRID
 from merging.linalg import polar, top_singular
 from merging.methods.base import MatrixMethod, MethodParams, TensorJob
 from merging.registry import register
@@ -33,6 +34,7 @@ def tsv_merge_matrix(taus: torch.Tensor) -> torch.Tensor:
 @register
 class TSVM(MatrixMethod):
     name = "tsv_m"
+    alpha_search = SVD_GRID
     summary = "Task Singular Vectors Merge: per-task top-(r/T) singular vectors, orthogonalised across tasks."
     Params = MethodParams
 
