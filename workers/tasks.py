@@ -180,7 +180,8 @@ def run_job(job_id: str, settings: Settings | None = None, *, stop_event: thread
         spec = MergeSpec.model_validate(job.spec)
         check_spec(spec, settings)
         storage.clear_job(job_id)  # leftovers of an interrupted attempt
-        run = run_pipeline(spec, progress=progress, io=settings.io_config(), should_cancel=should_cancel)
+        io = settings.io_config()
+        run = run_pipeline(spec, progress=progress, io=io, should_cancel=should_cancel, cache_dir=io.cache_dir)
         result = run.merge
         artifacts = _artifacts(storage, job_id, result.files)
         report = _report(job, run, artifacts, {"job_wall": round(time.perf_counter() - t0, 3)})
