@@ -33,7 +33,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 @dataclass
 class ProgressEvent:
-    phase: str  # inspect | prepass | merge | rescale | finalize | publish | done
+    phase: str  # inspect | prepass i/n | merge | alpha search | rescale | diagnostics | finalize | publish | done
     done: int
     total: int
     key: str | None = None
@@ -432,6 +432,7 @@ def merge(spec: MergeSpec | dict, progress: Callable[[ProgressEvent], Any] | Non
         if collector is not None:
             emit("diagnostics", 0, 1, message="spectra, SAR, STI, HO-GSVD")
             diagnostics = collector.finish()
+            diagnostics["params"] = params.model_dump(mode="json", by_alias=True)  # with the α actually used
             emit("diagnostics", 1, 1)
         emit("finalize", 0, 1, message="hashing and writing manifest")
         if collector is not None:

@@ -23,9 +23,11 @@ class ErrorBody(BaseModel):
 
 
 class Progress(BaseModel):
-    phase: str | None = Field(None, description="inspect | prepass i/n | merge | rescale | finalize | publish | done")
-    done: int = Field(0, description="Tensors done in the current phase.")
-    total: int = Field(0, description="Tensors in the current phase.")
+    phase: str | None = Field(None, description=(
+        "evaluation setup | calibration | inspect | prepass i/n | merge | alpha search | rescale | diagnostics | "
+        "finalize | publish | evaluation | done"))
+    done: int = Field(0, description="Steps done in the current phase (tensors, experts, α candidates or scoring steps).")
+    total: int = Field(0, description="Steps in the current phase.")
     fraction: float = Field(0.0, description="done / total of the current phase (1.0 when finished).")
     eta_seconds: float | None = Field(None, description="Estimated seconds left in the current phase.")
 

@@ -140,14 +140,21 @@ def _heatmap(matrix: list[list[Any]], labels: list[str], title: str, vmin: float
 # sections
 # ---------------------------------------------------------------------------------------------
 
+def _title(report: dict) -> str:
+    return "Merge report" if isinstance(report.get("evaluation"), dict) else "Merge diagnostics"
+
+
 def _header(report: dict) -> str:
     method = report.get("method", "?")
     experts = report.get("experts") or []
     samp = report.get("sampling") or {}
     cost = report.get("cost_s") or {}
-    parts = [f"<h1>Merge diagnostics: <code>{_esc(method)}</code></h1>",
+    evaluated = isinstance(report.get("evaluation"), dict)
+    parts = [f"<h1>{_title(report)}: <code>{_esc(method)}</code></h1>",
              f'<p class="note">{len(experts)} experts: {", ".join(_esc(e) for e in experts)}. '
-             f'Format {_esc(report.get("format", "?"))}. Data-free: computed from the weights only.</p>']
+             f'Format {_esc(report.get("format", "?"))}. '
+             + ("Evaluation scored on each task's data; diagnostics are data-free (computed from the weights only).</p>"
+                if evaluated else "Data-free: computed from the weights only.</p>")]
     if report.get("params"):
         parts.append(f'<p class="note">Parameters: <code>{_esc(json.dumps(report["params"], sort_keys=True))}</code></p>')
     if samp:
@@ -209,6 +216,16 @@ def _spectra(report: dict) -> str:
         ax = fig.add_subplot(rows, cols, i + 1)
         prof = a["spectra"]["profile"]
         x = [j + 1 for j in prof["index"]]
+        ax.set_title(_short(a.get("key", "?"), 34), fontsize=8)
+        ax.tick_params(labelsize=7)
+        values = [v for ys in [*(prof.get("tasks") or []), prof.get("merged") or []] for v in ys]
+        if not any(_num(v) is not None and _num(v) > 0 for v in values):
+            # e.g. a layer no expert changed (a frozen or unused pooler): nothing to draw on log axes
+            ax.text(0.5, 0.5, "all singular values are 0\n(no expert changed this layer)", ha="center", va="center",
+                    fontsize=7, transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
         for t, ys in enumerate(prof.get("tasks") or []):
             ax.plot(x, _positive(ys), color="0.6", lw=0.8, label="tasks (before)" if t == 0 else None)
         if prof.get("merged"):
@@ -218,8 +235,6 @@ def _spectra(report: dict) -> str:
         for axis in (ax.xaxis, ax.yaxis):
             axis.set_major_locator(LogLocator(numticks=4))
             axis.set_minor_locator(NullLocator())
-        ax.set_title(_short(a.get("key", "?"), 34), fontsize=8)
-        ax.tick_params(labelsize=7)
         if i == 0:
             ax.legend(fontsize=7)
     return ('<section id="spectra"><h2>Spectra before and after merging</h2>' + _img(fig, "singular value spectra")
@@ -413,7 +428,7 @@ def _evaluation(report: dict) -> str:
 def render_report_html(report: dict) -> str:
     """One self-contained HTML page for a diagnostics report (sections without data are skipped)."""
     body = [_header(report)]
-    for section in (_similarity, _spectra, _sar_sti, _energy_rank, _summary, _evaluation):
+    for section in (_evaluation, _similarity, _spectra, _sar_sti, _energy_rank, _summary):  # results first
         try:
             body.append(section(report))
         except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError) as e:  # a malformed section must not sink the page
@@ -422,7 +437,7 @@ def render_report_html(report: dict) -> str:
     if labels:
         body.append('<section id="notes"><h2>Notes</h2><ul>' + "".join(f"<li><b>{_esc(k)}</b>: {_esc(v)}</li>" for k, v in labels.items())
                     + "</ul></section>")
-    title = f"Merge diagnostics: {report.get('method', '?')}"
+    title = f"{_title(report)}: {report.get('method', '?')}"
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body><main>" + "".join(body) + "</main></body></html>")
 
