@@ -1,9 +1,10 @@
 """The ``submerge`` command (console script ``submerge = "service.cli:main"``).
 
-``merge``, ``validate`` and ``methods`` come from the library (``merging.cli``); this module
-adds the service commands, ``serve`` (the REST API under uvicorn) and ``worker`` (the job
-queue worker). Both import their heavy modules only when run, so the library commands work
-without them. Dependencies point one way: service imports merging, never the reverse.
+``merge``, ``validate`` and ``methods`` come from the library (``merging.cli``) and ``calibrate``
+from ``evaluation.cli``; this module adds the service commands, ``serve`` (the REST API under
+uvicorn) and ``worker`` (the job queue worker). All of them import their heavy modules only
+when run, so the library commands work without them. Dependencies point one way: service
+imports merging, never the reverse.
 """
 from __future__ import annotations
 
@@ -69,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run a job-queue worker (arguments after 'worker' go to it)",
                        description="Run a job-queue worker; arguments after 'worker' are passed on to it.")
     p.set_defaults(func=cmd_worker, worker_args=[])
+
+    # ESM calibration statistics; evaluation.cli imports torch/transformers only when it runs.
+    from evaluation.cli import add_calibrate_parser
+    add_calibrate_parser(sub)
     return parser
 
 
