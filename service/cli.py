@@ -50,6 +50,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return report_error("unavailable", "the worker (workers) provides neither main(argv) nor a Celery app", EXIT_ERROR)
 
 
+def _run_pipeline(spec, progress=None):
+    from evaluation.pipeline import run_pipeline
+    return run_pipeline(spec, progress=progress)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from merging import __version__
 
@@ -58,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"submerge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_subcommands(sub)
+    # `submerge merge` runs the whole job pipeline: calibration capture from samples, α search
+    # ("alpha": "auto") and evaluation, not only the library's merge().
+    sub.choices["merge"].set_defaults(runner=_run_pipeline)
 
     p = sub.add_parser("serve", help="run the REST API (uvicorn)", description="Run the REST API under uvicorn.")
     p.add_argument("--host", default=os.environ.get("SUBMERGE_HOST", "127.0.0.1"), help="bind address (default: %(default)s)")

@@ -281,3 +281,21 @@ def test_service_job_with_evaluation_and_alpha_auto(api, family, tmp_path):  # n
         assert {t["task"] for t in ev["tasks"]} == {"A", "B"} and ev["alpha_search"]["chosen_alpha"] == rep["params"]["alpha"]
         html = c.get(f"/v1/merges/{job['id']}/report?format=html")
         assert html.status_code == 200 and 'id="evaluation"' in html.text and 'alt="alpha curve"' in html.text
+
+
+def test_cli_merge_runs_the_pipeline(family, tmp_path, capsys, monkeypatch):
+    import yaml
+
+    from service.cli import main
+    fam = family
+    monkeypatch.setenv("SUBMERGE_CACHE_DIR", str(tmp_path / "cache"))
+    spec = _spec(fam, "unused", params={"alpha": "auto"})
+    spec["output"] = {"uri": str(tmp_path / "cli_out")}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["merge", str(tmp_path / "spec.yaml"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "(chosen on validation data)" in out and "accuracy  merged" in out
+    assert main(["merge", str(tmp_path / "spec.yaml"), "--quiet", "--json", "--overwrite"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["evaluation"]["alpha_search"]["chosen_alpha"] == summary["params"]["alpha"]
+    assert {t["task"] for t in summary["evaluation"]["tasks"]} == {"A", "B"}
