@@ -27,7 +27,8 @@ from typing import Any, Callable
 import torch
 
 from merging.alpha import AlphaScore, search_alpha
-from merging.engine import MergeResult, ProgressEvent, TaskVector, merge
+from merging import engine
+from merging.engine import MergeResult, ProgressEvent, TaskVector
 from merging.errors import CancelledError
 from merging.io.checkpoint import open_checkpoint
 from merging.io.sources import IOConfig, default_cache_dir, redact_uri
@@ -369,7 +370,7 @@ def run_pipeline(spec: MergeSpec | dict, progress: Callable[[ProgressEvent], Any
     if calibration:
         timings["calibration"] = time.perf_counter() - t
     t = time.perf_counter()
-    result = merge(spec, progress, io=cfg, should_cancel=should_cancel, calibration_files=calibration_files or None,
+    result = engine.merge(spec, progress, io=cfg, should_cancel=should_cancel, calibration_files=calibration_files or None,
                    choose_alpha=p.choose_alpha if spec.alpha_auto else None)
     timings["merge"] = time.perf_counter() - t
     evaluation = None
