@@ -69,10 +69,13 @@ class CalibrationSet:
     def __init__(self, files: list[CalibrationFile | None], labels: list[str]):
         self.files = files
         self.labels = labels
+        self.pending: set[str] = set()
 
     def require(self, keys: list[tuple[str, int]]) -> None:
         """Raise naming the expert and layer if any needed statistics are missing."""
         for f, label in zip(self.files, self.labels):
+            if label in self.pending:
+                continue  # captured from calibration.data when the job runs
             if f is None:
                 raise CalibrationError(f"{label} has no calibration: ESM needs each expert's layer inputs "
                                        "(experts[i].calibration.uri)")
@@ -104,19 +107,25 @@ def _open_file(uri: str, label: str, cfg: IOConfig) -> CalibrationFile:
     return CalibrationFile(label, uri, metas, None if loc.remote else loc.path)
 
 
-def open_calibration(spec, cfg: IOConfig, overrides: dict[str, str] | None = None) -> CalibrationSet:
+def open_calibration(spec, cfg: IOConfig, overrides: dict[str, str] | None = None, *,
+                     pending_ok: bool = False) -> CalibrationSet:
     """One statistics file per expert: ``overrides[name]`` (statistics captured from the expert's
-    ``calibration.data``), else ``calibration.uri``."""
+    ``calibration.data``), else ``calibration.uri``. With ``pending_ok`` (a pre-flight check), an
+    expert whose statistics will be captured from ``calibration.data`` is passed over."""
     overrides = overrides or {}
     labels = [f"expert {n!r}" for n in spec.expert_names()]
     files = []
+    pending = set()
     for e, name, label in zip(spec.experts, spec.expert_names(), labels):
         uri = overrides.get(name) or (e.calibration.uri if e.calibration else None)
-        if uri is None and e.calibration is not None:
+        if uri is None and e.calibration is not None and pending_ok:
+            pending.add(label)
+        elif uri is None and e.calibration is not None:
             raise CalibrationError(f"{label}: calibration.data holds samples whose statistics have not been captured; "
                                    "submit the job to the service (which captures them) or run `submerge calibrate` "
                                    "and pass the file as calibration.uri")
         files.append(_open_file(uri, label, cfg) if uri else None)
     cs = CalibrationSet(files, labels)
+    cs.pending = pending
     cs._cfg = cfg
     return cs

@@ -231,7 +231,7 @@ class Preflight:
     output_problem: str | None  # why publishing would fail (e.g. the target exists), or None
 
 
-def _prepare(spec: MergeSpec, cfg: IOConfig, calibration_files: dict[str, str] | None = None):
+def _prepare(spec: MergeSpec, cfg: IOConfig, calibration_files: dict[str, str] | None = None, *, pending_ok: bool = False):
     """Open headers, build the plan, open calibration, run the method's pre-flight check."""
     params = spec.method_params()
     method_cls = get_method(spec.method)
@@ -242,7 +242,7 @@ def _prepare(spec: MergeSpec, cfg: IOConfig, calibration_files: dict[str, str] |
         calibration = None
         if method_cls.needs_calibration:
             from merging.calibration import open_calibration
-            calibration = open_calibration(spec, cfg, calibration_files)
+            calibration = open_calibration(spec, cfg, calibration_files, pending_ok=pending_ok)
         ctx = MergeContext(spec.expert_names(), device, _DTYPES[spec.options.compute_dtype], calibration)
         method: MergeMethod = method_cls(params, ctx)
         method.check_plan([(p.key, p.role, p.shape) for p in plan if p.action == "merge"])
@@ -255,11 +255,12 @@ def _prepare(spec: MergeSpec, cfg: IOConfig, calibration_files: dict[str, str] |
 
 def preflight(spec: MergeSpec | dict, io: IOConfig | None = None, *, calibration_files: dict[str, str] | None = None) -> Preflight:
     """Every check merge() makes before reading a tensor, with no side effects: the spec, the
-    checkpoint headers (keys, shapes, dtypes), the plan and roles, calibration coverage, the
-    method's own checks, and whether the output target can be published to."""
+    checkpoint headers (keys, shapes, dtypes), the plan and roles, calibration coverage (statistics
+    still to be captured from ``calibration.data`` are checked when the job runs), the method's own
+    checks, and whether the output target can be published to."""
     spec = load_spec(spec)
     cfg = io or IOConfig()
-    base, experts, plan, _, _ = _prepare(spec, cfg, calibration_files)
+    base, experts, plan, _, _ = _prepare(spec, cfg, calibration_files, pending_ok=True)
     for ck in (base, *experts):
         ck.close()
     problem = None

@@ -299,3 +299,19 @@ def test_cli_merge_runs_the_pipeline(family, tmp_path, capsys, monkeypatch):
     summary = json.loads(capsys.readouterr().out)
     assert summary["evaluation"]["alpha_search"]["chosen_alpha"] == summary["params"]["alpha"]
     assert {t["task"] for t in summary["evaluation"]["tasks"]} == {"A", "B"}
+
+
+def test_preflight_accepts_samples_to_capture_and_merge_alone_names_them(family, tmp_path):
+    from merging import merge
+    from merging.engine import preflight
+    from merging.errors import CalibrationError
+    fam = family
+    spec = _spec(fam, "pf", method="esm", params={}, evaluation=None)
+    spec["experts"][0]["calibration"] = {"data": {"uri": str(fam["root"] / "unlabeled.jsonl")}}
+    spec["experts"][1]["calibration"] = {"data": {"uri": str(fam["root"] / "unlabeled.jsonl")}}
+    assert preflight(spec).output_problem is None  # what /v1/merges:validate and `submerge validate` run
+    with pytest.raises(CalibrationError, match="expert 'A': calibration.data holds samples"):
+        merge(spec)  # the bare library cannot run models: it says so, by expert
+    spec["experts"][1]["calibration"] = None
+    with pytest.raises(CalibrationError, match="expert 'B' has no calibration"):
+        preflight(spec)
