@@ -315,3 +315,16 @@ def test_preflight_accepts_samples_to_capture_and_merge_alone_names_them(family,
     spec["experts"][1]["calibration"] = None
     with pytest.raises(CalibrationError, match="expert 'B' has no calibration"):
         preflight(spec)
+
+
+def test_report_html_with_evaluation_only(family, tmp_path):
+    """diagnostics off, evaluation on: the worker still writes report.html, evaluation first."""
+    from evaluation.pipeline import run_pipeline
+    from workers.report_html import render_report_html
+    run = run_pipeline(_spec(family, "html_only", params={"alpha": "auto"}), cache_dir=str(tmp_path))
+    assert run.merge.diagnostics is None
+    page = render_report_html({"method": "task_arithmetic", "experts": ["A", "B"], "params": run.merge.manifest["params"],
+                               "evaluation": run.evaluation})
+    assert "<title>Merge report: task_arithmetic</title>" in page and "could not be drawn" not in page
+    assert page.count("<img") == 2 and 'alt="per-task accuracy"' in page and 'alt="alpha curve"' in page
+    assert page.index('id="evaluation"') < len(page) and "average" in page
