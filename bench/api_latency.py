@@ -58,6 +58,86 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
 
 
+class RawConnection:
+    """One keep-alive HTTP/1.1 connection driven with asyncio streams.
+
+    httpx's AsyncClient costs ~2.5 ms of client CPU per request, so with 200 pollers on 2 cores the
+    load generator itself was the bottleneck (RESULTS.md, first runs); this client costs a few tens
+    of microseconds, leaving the CPU to the server and the merge being measured.
+    """
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.reader = self.writer = None
+
+    async def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\n"
+        if body is not None:
+            head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        self.writer.write(head.encode() + b"\r\n" + (body or b""))
+        header = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(header.split(b" ", 2)[1])
+        length, close = 0, False
+        for line in header.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"connection" and value.strip().lower() == b"close":
+                close = True
+        data = await self.reader.readexactly(length)
+        if close:
+            self.writer.close()
+            self.reader = self.writer = None
+        return status, data
+
+
+async def run_load_raw(url: str, job_id: str, body: dict, args) -> dict:
+    import json as _json
+    host, port = url.removeprefix("http://").split(":")
+    port = int(port)
+    lat: dict[str, list[float]] = {"poll": [], "submit": []}
+    errors: dict[str, int] = {"poll": 0, "submit": 0}
+    submitted: list[str] = []
+    payload = _json.dumps(body).encode()
+    end = time.perf_counter() + args.duration
+
+    async def poller():
+        conn = RawConnection(host, port)
+        await asyncio.sleep(random.random() * (args.poll_interval or 0.01))
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            status, _ = await conn.request("GET", f"/v1/merges/{job_id}")
+            dt = time.perf_counter() - t0
+            (lat["poll"].append(dt) if status == 200 else errors.__setitem__("poll", errors["poll"] + 1))
+            if args.poll_interval:
+                await asyncio.sleep(max(0.0, args.poll_interval - dt))
+
+    async def submitter():
+        conn = RawConnection(host, port)
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            status, data = await conn.request("POST", "/v1/merges", payload)
+            dt = time.perf_counter() - t0
+            if status == 202:
+                lat["submit"].append(dt)
+                submitted.append(_json.loads(data)["id"])
+            else:
+                errors["submit"] += 1
+            await asyncio.sleep(max(0.0, args.submit_interval - dt))
+
+    t_start = time.perf_counter()
+    await asyncio.gather(*(poller() for _ in range(args.pollers)), submitter())
+    wall = time.perf_counter() - t_start
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        job = (await client.get(f"/v1/merges/{job_id}")).json()
+        for jid in submitted + [job_id]:
+            await client.post(f"/v1/merges/{jid}:cancel")
+    return {"lat": lat, "errors": errors, "wall": wall, "job": job}
+
+
 async def run_load(url: str, job_id: str, body: dict, args) -> dict[str, list[float]]:
     lat: dict[str, list[float]] = {"poll": [], "submit": []}
     errors: dict[str, int] = {"poll": 0, "submit": 0}
@@ -106,6 +186,15 @@ def server_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _server_stack() -> str:
+    try:
+        import httptools  # noqa: F401
+        import uvloop  # noqa: F401
+        return "uvloop + httptools"
+    except ImportError:
+        return "asyncio + h11"
+
+
 def machine() -> str:
     cpu = platform.processor() or "?"
     try:
@@ -126,6 +215,8 @@ def main() -> int:
     ap.add_argument("--submit-interval", type=float, default=0.2, help="seconds between submits")
     ap.add_argument("--tensors", type=int, default=400)
     ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--client", choices=["raw", "httpx"], default="raw",
+                    help="load generator: raw asyncio HTTP/1.1 (cheap, default) or httpx.AsyncClient")
     ap.add_argument("--results", help="append a '## API latency' section to this markdown file")
     args = ap.parse_args()
 
@@ -157,7 +248,8 @@ def main() -> int:
             while httpx.get(f"{url}/v1/merges/{job_id}").json()["status"] != "running":
                 time.sleep(0.05)
             cpu0, srv0 = time.process_time(), server_cpu(server.pid)
-            out = asyncio.run(run_load(url, job_id, body, args))
+            load = run_load_raw if args.client == "raw" else run_load
+            out = asyncio.run(load(url, job_id, body, args))
             out["cpu"] = {"client": time.process_time() - cpu0, "server": server_cpu(server.pid) - srv0}
         finally:
             server.terminate()
@@ -193,7 +285,8 @@ def main() -> int:
 `{cmd}` ({time.strftime('%Y-%m-%d')})
 
 Machine: {machine()}. Embedded mode (`submerge serve`: one uvicorn process, SQLite job store, the
-in-process pool running the merge being polled), client in another process on the same machine.
+in-process pool running the merge being polled), client ({args.client}) in another process on the
+same machine; uvicorn with {_server_stack()}.
 Load for {args.duration:.0f} s: {args.pollers} concurrent pollers, each GETting the running job every
 {args.poll_interval} s ({"back to back" if not args.poll_interval else f"{args.pollers / args.poll_interval:.0f} req/s offered"}),
 plus one submitter POSTing a job every {args.submit_interval} s (queued behind the running one).
