@@ -145,6 +145,21 @@ def _fmt_alpha(a) -> str:
     return f"{a:.4g}" if isinstance(a, (int, float)) else str(a)
 
 
+def describe_search(s) -> str:
+    if not isinstance(s, dict):
+        return str(s or "")
+    if s.get("kind") == "grid":
+        g = s.get("grid") or []
+        text = f"grid of {len(g)} ({_fmt_alpha(g[0])} … {_fmt_alpha(g[-1])})" if g else "grid"
+        if s.get("early_stop"):
+            text += f", early stop {s['early_stop']}"
+        return text
+    if s.get("kind") == "golden_section":
+        lo, hi = (s.get("interval") or [None, None])[:2]
+        return f"golden-section on [{_fmt_alpha(lo)}, {_fmt_alpha(hi)}]"
+    return str(s.get("kind"))
+
+
 def alpha_table(res: Results) -> str:
     lines = ["| method | default α | " + " | ".join(f"chosen α, T = {T}" for T in res.Ts) + " | search |",
              "|---|---:|" + "---:|" * len(res.Ts) + "---|"]
@@ -156,9 +171,10 @@ def alpha_table(res: Results) -> str:
         for T in res.Ts:
             r = res.get(T, key, "auto")
             chosen.append(_fmt_alpha(r.get("alpha")) if r else "—")
-            if r and not search:
+            if r:
                 s = r["evaluation"].get("alpha_search") or {}
-                search = f"{s.get('search', '')}, {len(s.get('curve') or [])} points evaluated"
+                search += ("; " if search else "") + f"T = {T}: {describe_search(s.get('search'))}, " \
+                    f"{len(s.get('curve') or [])} points evaluated"
         lines.append(f"| {res.label(key)} | {_fmt_alpha(res.default_alpha(key))} | " + " | ".join(chosen) + f" | {search} |")
     return "\n".join(lines)
 
@@ -185,7 +201,7 @@ def wall_table(res: Results) -> str:
                 continue
             total = r.get("wall_s")
             parts = []
-            for label, names in (("calib", ("calibration",)), ("merge", ("merge_total", "total", "merge")),
+            for label, names in (("calib", ("calibration",)), ("merge", ("merge",)), ("α search", ("alpha_search",)),
                                  ("eval", ("evaluation",))):
                 v = _t(r, *names)
                 if v is not None:
@@ -344,8 +360,9 @@ def render(records: list[dict], meta: dict | None = None, *, command: str | None
     L.append("")
     L.append("## Wall time per job (seconds, this machine)")
     L.append("")
-    L.append("Submit → report, measured by the client; in parentheses the service's own timings: calibration capture, "
-             "merge (including the α search and its validation scoring), evaluation of the published model "
+    L.append("Submit → report, measured by the client; in parentheses the service's own timings (`timings_s` of "
+             "report.json): calibration capture, merge, α search (validation scoring of every candidate), evaluation "
+             "of the published model "
              "(baseline scores are cached across jobs, so the first job of a T also scores the base and experts).")
     L.append("")
     L.append(wall_table(res))

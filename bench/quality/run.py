@@ -234,6 +234,28 @@ def result_record(*, T: int, key: str, label: str, method: str, alpha_mode: str,
     return _relativize(rec, subs)
 
 
+def write_meta_and_report(results_dir: Path, out_md: Path, *, command: str, t_start: float, finetune_wall: float,
+                          experts: dict, recipe, args, Ts, method_keys, modes, complete: bool) -> float:
+    """``results/run.json`` (the run's settings and wall times) and the markdown page; called after
+    every job, so an interrupted run leaves a page with what it measured."""
+    import torch
+    from bench.quality import report as qreport
+    total = time.monotonic() - t_start
+    meta = {"command": command, "complete": complete, "total_wall_s": round(total, 1),
+            "finetune_wall_s": round(finetune_wall, 1),
+            "experts_cached": all(e.get("cached") for e in experts.values()),
+            "experts": {k: {kk: v.get(kk) for kk in ("train_seconds", "loss_first", "loss_last", "cached", "key")}
+                        for k, v in experts.items()},
+            "recipe": recipe.as_dict(), "test_samples": args.test_samples, "val_size": args.val_size,
+            "calib_samples": args.calib_samples, "max_length": args.max_length, "batch_size": args.batch_size,
+            "Ts": Ts, "methods": method_keys, "alpha_modes": modes,
+            "updated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+    (results_dir / "run.json").write_text(json.dumps(meta, indent=1) + "\n")
+    qreport.write_report(results_dir, out_md, command=command)
+    return total
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -326,22 +348,25 @@ def main(argv=None) -> int:
     subs = [(str(Path(base_dir)), "<minilm>"), (Path(base_dir).as_uri(), "file://<minilm>"),
             (str(REPO_ROOT), "."), (REPO_ROOT.as_uri(), "file://.")]
     jobs = []
-    for T in Ts:
-        sub = tasks[:T]
-        evaluation = evaluation_section(sub, test_samples=args.test_samples, max_length=args.max_length,
-                                        batch_size=args.batch_size)
-        for key in method_keys:
-            _, label, mid, extra = known[key]
-            for mode in modes:
+    # α mode first (the α-auto table is the headline; an interrupted run has it), then T, then method
+    for mode in modes:
+        for T in Ts:
+            sub = tasks[:T]
+            evaluation = evaluation_section(sub, test_samples=args.test_samples, max_length=args.max_length,
+                                            batch_size=args.batch_size)
+            for key in method_keys:
+                _, label, mid, extra = known[key]
                 if mode == "auto" and key in NO_AUTO:
                     continue
                 params = {**extra, **({"alpha": "auto"} if mode == "auto" else {})}
-                spec = build_spec(mid, params, base_dir, sub, experts, evaluation, calib_samples=args.calib_samples,
-                                  max_length=args.max_length)
+                spec = build_spec(mid, params, base_dir, sub, experts, evaluation,
+                                  calib_samples=args.calib_samples, max_length=args.max_length)
                 jobs.append((T, key, label, mid, mode, spec))
     if "weight_average" in method_keys and "default" not in modes:
         log("note: weight averaging has no α; it runs only with --alpha including 'default'")
 
+    report_kw = dict(command=command, t_start=t_start, finetune_wall=finetune_wall, experts=experts, recipe=recipe,
+                     args=args, Ts=Ts, method_keys=method_keys, modes=modes)
     tmp = Path(tempfile.mkdtemp(prefix="submerge-bench-quality-"))
     roots = [str(Path(base_dir)), str(cache), str(tmp)]
     log(f"== service: embedded, data dir {tmp}")
@@ -376,22 +401,11 @@ def main(argv=None) -> int:
                         f"(normalized {100 * av['normalized']:.1f}), α = {rec['alpha']}")
                 # the merged model is in the service's storage: drop it once its report is collected
                 shutil.rmtree(tmp / "data" / "artifacts" / job["id"] / "model", ignore_errors=True)
+                write_meta_and_report(results_dir, out_md, complete=False, **report_kw)
     if not args.keep_data:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    # 5. report
-    total = time.monotonic() - t_start
-    meta = {"command": command, "total_wall_s": round(total, 1), "finetune_wall_s": round(finetune_wall, 1),
-            "experts_cached": all(e.get("cached") for e in experts.values()),
-            "experts": {k: {kk: v.get(kk) for kk in ("train_seconds", "loss_first", "loss_last", "cached", "key")}
-                        for k, v in experts.items()},
-            "recipe": recipe.as_dict(), "test_samples": args.test_samples, "val_size": args.val_size,
-            "calib_samples": args.calib_samples, "max_length": args.max_length, "batch_size": args.batch_size,
-            "Ts": Ts, "methods": method_keys, "alpha_modes": modes,
-            "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
-    (results_dir / "run.json").write_text(json.dumps(meta, indent=1) + "\n")
-    qreport.write_report(results_dir, out_md, command=command)
+    total = write_meta_and_report(results_dir, out_md, complete=True, **report_kw)
     log(f"== done in {total:.0f} s ({failures} failed jobs): {out_md}")
     return 1 if failures else 0
 
