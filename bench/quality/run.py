@@ -368,7 +368,10 @@ def main(argv=None) -> int:
     report_kw = dict(command=command, t_start=t_start, finetune_wall=finetune_wall, experts=experts, recipe=recipe,
                      args=args, Ts=Ts, method_keys=method_keys, modes=modes)
     tmp = Path(tempfile.mkdtemp(prefix="submerge-bench-quality-"))
-    roots = [str(Path(base_dir)), str(cache), str(tmp)]
+    # the only directories the service may read file:// inputs from (resolved: symlinked caches work too)
+    roots = sorted({str(Path(base_dir).resolve()), str(cache), str(tmp)}
+                   | {str(Path(e["path"]).resolve().parent) for e in experts.values()}
+                   | {str(Path(f).resolve().parent) for t in tasks for f in t.files.values()})
     log(f"== service: embedded, data dir {tmp}")
     failures = 0
     with Service(tmp / "data", cache / "service-cache", roots) as svc:
