@@ -215,6 +215,11 @@ def main() -> int:
     ap.add_argument("--submit-interval", type=float, default=0.2, help="seconds between submits")
     ap.add_argument("--tensors", type=int, default=400)
     ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--method", default="task_arithmetic", help="method of the merge being polled")
+    ap.add_argument("--worker-nice", type=int, help="SUBMERGE_WORKER_NICE for the server (default: the setting's default, 10)")
+    ap.add_argument("--cpu-bound", action="store_true",
+                    help="no SUBMERGE_DEBUG_STEP_DELAY: the polled merge really computes (use e.g. --method tsv_m "
+                         "--size 768 --tensors 150 so that it outlives the run)")
     ap.add_argument("--client", choices=["raw", "httpx"], default="raw",
                     help="load generator: raw asyncio HTTP/1.1 (cheap, default) or httpx.AsyncClient")
     ap.add_argument("--results", help="append a '## API latency' section to this markdown file")
@@ -223,11 +228,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="submerge-latency-") as tmp:
         root = Path(tmp)
         base, experts = write_checkpoints(root, args.tensors, args.size)
-        delay = (args.duration + 15) / args.tensors  # the job outlives the measurement
+        delay = 0.0 if args.cpu_bound else (args.duration + 15) / args.tensors  # the job outlives the measurement
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("SUBMERGE_")}
         env.update(SUBMERGE_DATA_DIR=str(root / "data"), SUBMERGE_FILE_ROOTS=str(root), SUBMERGE_AUTH="off",
                    SUBMERGE_DEBUG_STEP_DELAY=str(delay), PYTHONPATH=str(REPO))
+        if args.worker_nice is not None:
+            env["SUBMERGE_WORKER_NICE"] = str(args.worker_nice)
         server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                                    "--log-level", "warning"], cwd=root, env=env)
         url = f"http://127.0.0.1:{port}"
@@ -242,7 +249,7 @@ def main() -> int:
                 if time.time() > deadline or server.poll() is not None:
                     raise SystemExit("the API did not start")
                 time.sleep(0.1)
-            body = {"method": "task_arithmetic", "params": {"alpha": 0.5}, "base": {"uri": base},
+            body = {"method": args.method, "params": {"alpha": 0.5}, "base": {"uri": base},
                     "experts": [{"uri": e} for e in experts], "options": {"device": "cpu"}}
             job_id = httpx.post(f"{url}/v1/merges", json=body, timeout=30).json()["id"]
             while httpx.get(f"{url}/v1/merges/{job_id}").json()["status"] != "running":
@@ -285,7 +292,9 @@ def main() -> int:
 `{cmd}` ({time.strftime('%Y-%m-%d')})
 
 Machine: {machine()}. Embedded mode (`submerge serve`: one uvicorn process, SQLite job store, the
-in-process pool running the merge being polled), client ({args.client}) in another process on the
+in-process pool running the merge being polled: {args.method} over {args.tensors} tensors of
+{args.size}×{args.size}, {"computing flat out (--cpu-bound)" if args.cpu_bound else "slowed by SUBMERGE_DEBUG_STEP_DELAY"}, SUBMERGE_WORKER_NICE
+{args.worker_nice if args.worker_nice is not None else "10 (default)"}), client ({args.client}) in another process on the
 same machine; uvicorn with {_server_stack()}.
 Load for {args.duration:.0f} s: {args.pollers} concurrent pollers, each GETting the running job every
 {args.poll_interval} s ({"back to back" if not args.poll_interval else f"{args.pollers / args.poll_interval:.0f} req/s offered"}),

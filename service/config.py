@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     # -- jobs ------------------------------------------------------------------------------------
     max_attempts: int = Field(3, ge=1, description="Attempts before a job whose worker keeps dying fails with worker_lost.")
     worker_concurrency: int | None = Field(None, ge=1, description="Jobs at once per worker; default one per GPU, 1 without GPU.")
+    worker_nice: int = Field(10, ge=0, le=19, description=(
+        "Lower the CPU priority of merge work by this much (embedded pool threads, Celery workers), so the API "
+        "stays responsive while a merge uses every core; 0 keeps normal priority."))
     queue: str = Field("submerge", description="Celery queue name.")
     lease_seconds: float = Field(60.0, gt=0, description="A running job whose worker has not heartbeated for this long is retried or failed.")
     reaper_interval: float = Field(10.0, gt=0, description="How often stale leases are looked for (API and workers).")

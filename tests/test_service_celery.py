@@ -33,6 +33,8 @@ def test_celery_end_to_end_job(api, celery_worker, redis_queue, checkpoints, tmp
         started = next(e for e in c.get(f"/v1/merges/{job['id']}/events").json()["items"] if e["type"] == "started")
         assert f"/{worker.proc.pid}/" in started["data"]["worker"]  # ran in the worker process, not in the API
         assert started["data"]["worker"].split("/")[1] != str(os.getpid())
+        with open(f"/proc/{started['data']['worker'].split('/')[1]}/stat") as f:  # SUBMERGE_WORKER_NICE (default 10)
+            assert int(f.read().rsplit(")", 1)[1].split()[16]) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
         for a in c.get(f"/v1/merges/{job['id']}/artifacts").json()["items"]:
             assert sha256_bytes(c.get(a["url"]).content) == a["sha256"]
         assert c.get(f"/v1/merges/{job['id']}/report").status_code == 200

@@ -57,6 +57,8 @@ def _on_worker_init(sender=None, **_):
     settings = app.conf.submerge_settings
     upgrade(settings.db_url)
     dispose_all()  # no connections shared with forked pool processes
+    from workers.priority import lower_process_priority
+    lower_process_priority(settings.worker_nice)  # before the pool forks: its processes inherit it
 
 
 @signals.worker_ready.connect(weak=False)

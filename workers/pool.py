@@ -8,6 +8,7 @@ import threading
 
 from service.config import Settings
 from service.store import JobStore
+from workers.priority import lower_thread_priority
 from workers.tasks import run_job
 
 log = logging.getLogger("submerge.pool")
@@ -42,6 +43,8 @@ class EmbeddedPool:
         return self._queue.qsize()
 
     def _work(self, index: int) -> None:
+        # Before torch runs anything here, so the OpenMP threads it starts inherit the lower priority.
+        lower_thread_priority(self.settings.worker_nice)
         try:
             import torch
             if torch.cuda.is_available():
