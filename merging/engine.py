@@ -25,7 +25,7 @@ from merging.io.sources import IOConfig, redact_uri
 from merging.io.writer import Publisher, ShardedWriter, sha256_file
 from merging.methods.base import MergeContext, MergeMethod, TensorJob
 from merging.registry import get_method
-from merging.roles import NON_MATRIX_2D_ROLES, RoleInfo, resolve_role
+from merging.roles import NON_MATRIX_2D_ROLES, Role, RoleInfo, resolve_role
 from merging.spec import MergeSpec, load_spec
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -114,8 +114,9 @@ def build_plan(spec: MergeSpec, base: Checkpoint, experts: list[Checkpoint]) -> 
     for key in sorted(base.metas, key=lambda k: (base.metas[k].file, base.metas[k].start)):
         m = base.metas[key]
         role = resolve_role(key, m.shape, overrides)
-        if not m.dtype.is_floating_point:
-            plan.append(PlanItem(key, role, m.shape, m.dtype, m.dtype, "copy", "non-floating tensor: kept from base"))
+        if not m.dtype.is_floating_point:  # index buffers (position_ids, ...): never weights, whatever their shape
+            plan.append(PlanItem(key, RoleInfo(Role.other, source="non-floating buffer"), m.shape, m.dtype, m.dtype, "copy",
+                                 "non-floating tensor: kept from base"))
             continue
         out = m.dtype if requested == "auto" else _DTYPES[requested]
         passthrough = next((p for p in passthrough_patterns if fnmatch.fnmatchcase(key, p)), None)

@@ -175,3 +175,17 @@ def test_diagnostics_sampled_full_and_off(ckpts):
     assert len(full["sampling"]["svd_layers"]) == 7  # every matrix key: 6 fc1 + head
     merging.merge(_spec(root, output={"uri": str(root / "off")}, options={"diagnostics": "off"}))
     assert not (root / "off" / "diagnostics.json").exists()
+
+
+def test_integer_buffers_are_copied_with_role_other(tmp_path):
+    """A 2-D int64 buffer (BERT's position_ids is (1, 512)) is no matrix: copied, role 'other'."""
+    base = {"emb.position_ids": torch.arange(12, dtype=torch.int64).reshape(1, 12), "fc.weight": torch.randn(4, 3)}
+    save_file(base, str(tmp_path / "b.safetensors"))
+    for t in range(2):
+        save_file({**base, "fc.weight": base["fc.weight"] + t + 1}, str(tmp_path / f"e{t}.safetensors"))
+    res = merging.merge({"method": "tsv_m", "base": {"uri": str(tmp_path / "b.safetensors")},
+                         "experts": [{"uri": str(tmp_path / f"e{t}.safetensors")} for t in range(2)],
+                         "output": {"uri": str(tmp_path / "out")}, "options": {"diagnostics": "off"}})
+    row = next(r for r in res.manifest["tensors"] if r["key"] == "emb.position_ids")
+    assert (row["action"], row["role"], row["role_source"]) == ("copied", "other", "non-floating buffer")
+    assert next(r for r in res.manifest["tensors"] if r["key"] == "fc.weight")["role"] == "matrix"
