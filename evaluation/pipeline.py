@@ -65,9 +65,6 @@ class _Emit:
             self.progress(ProgressEvent(phase, done, total, key, message))
 
 
-_SHA_LOCK = threading.Lock()
-
-
 def checkpoint_sha256(uri: str, cfg: IOConfig, revision: str | None = None, label: str = "checkpoint") -> str:
     """One digest over the sha256 of every data file of a checkpoint (the identity used by caches)."""
     ck = open_checkpoint(uri, label, cfg, revision)
