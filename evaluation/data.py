@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import hashlib
 import io as _io
 import json
 import os
@@ -18,6 +17,7 @@ from typing import Any, Sequence
 from evaluation.errors import DataError
 from merging.errors import MergeError
 from merging.io.sources import IOConfig, Location
+from merging.io.writer import sha256_file
 
 FORMATS = ("jsonl", "json", "csv", "parquet")
 _SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
@@ -271,14 +271,10 @@ def read_labels(rows: Sequence[dict], label_field: str, labels: list[str] | None
 def data_sha256(uri: str, io: IOConfig | None = None) -> str:
     """SHA-256 of the data file's bytes (as stored: a ``.gz`` file is hashed compressed)."""
     path = _local(uri, io)
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        return sha256_file(path)  # remembered per file version: the pipeline asks once per task and split
     except OSError as e:
         raise DataError(f"{uri}: cannot read ({e.strerror})") from None
-    return h.hexdigest()
 
 
 __all__ = ["load_rows", "read_texts", "read_labels", "data_sha256", "detect_format", "Row", "FORMATS"]
