@@ -94,65 +94,41 @@ class RawConnection:
         return status, data
 
 
-async def run_load_raw(url: str, job_id: str, body: dict, args) -> dict:
+class HttpxConnection:
+    """The same ``request`` interface over a shared ``httpx.AsyncClient`` (``--client httpx``)."""
+
+    def __init__(self, client: httpx.AsyncClient):
+        self.client = client
+
+    async def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+        headers = {"content-type": "application/json"} if body is not None else None
+        r = await self.client.request(method, path, content=body, headers=headers)
+        return r.status_code, r.content
+
+
+async def run_load(url: str, job_id: str, body: dict, args) -> dict:
+    """``args.pollers`` pollers and one submitter for ``args.duration`` s, each on its own
+    connection (raw) or on one pooled httpx client; then cancels every job it made."""
     import json as _json
-    host, port = url.removeprefix("http://").split(":")
-    port = int(port)
     lat: dict[str, list[float]] = {"poll": [], "submit": []}
     errors: dict[str, int] = {"poll": 0, "submit": 0}
     submitted: list[str] = []
     payload = _json.dumps(body).encode()
-    end = time.perf_counter() + args.duration
-
-    async def poller():
-        conn = RawConnection(host, port)
-        await asyncio.sleep(random.random() * (args.poll_interval or 0.01))
-        while time.perf_counter() < end:
-            t0 = time.perf_counter()
-            status, _ = await conn.request("GET", f"/v1/merges/{job_id}")
-            dt = time.perf_counter() - t0
-            (lat["poll"].append(dt) if status == 200 else errors.__setitem__("poll", errors["poll"] + 1))
-            if args.poll_interval:
-                await asyncio.sleep(max(0.0, args.poll_interval - dt))
-
-    async def submitter():
-        conn = RawConnection(host, port)
-        while time.perf_counter() < end:
-            t0 = time.perf_counter()
-            status, data = await conn.request("POST", "/v1/merges", payload)
-            dt = time.perf_counter() - t0
-            if status == 202:
-                lat["submit"].append(dt)
-                submitted.append(_json.loads(data)["id"])
-            else:
-                errors["submit"] += 1
-            await asyncio.sleep(max(0.0, args.submit_interval - dt))
-
-    t_start = time.perf_counter()
-    await asyncio.gather(*(poller() for _ in range(args.pollers)), submitter())
-    wall = time.perf_counter() - t_start
-    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-        job = (await client.get(f"/v1/merges/{job_id}")).json()
-        for jid in submitted + [job_id]:
-            await client.post(f"/v1/merges/{jid}:cancel")
-    return {"lat": lat, "errors": errors, "wall": wall, "job": job}
-
-
-async def run_load(url: str, job_id: str, body: dict, args) -> dict[str, list[float]]:
-    lat: dict[str, list[float]] = {"poll": [], "submit": []}
-    errors: dict[str, int] = {"poll": 0, "submit": 0}
-    submitted: list[str] = []
+    host, port = url.removeprefix("http://").split(":")
     limits = httpx.Limits(max_connections=args.pollers + 10, max_keepalive_connections=args.pollers + 10)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+        def connection():
+            return RawConnection(host, int(port)) if args.client == "raw" else HttpxConnection(client)
         end = time.perf_counter() + args.duration
 
         async def poller():
+            conn = connection()
             await asyncio.sleep(random.random() * (args.poll_interval or 0.01))  # spread the phases
             while time.perf_counter() < end:
                 t0 = time.perf_counter()
-                r = await client.get(f"/v1/merges/{job_id}")
+                status, _ = await conn.request("GET", f"/v1/merges/{job_id}")
                 dt = time.perf_counter() - t0
-                if r.status_code == 200:
+                if status == 200:
                     lat["poll"].append(dt)
                 else:
                     errors["poll"] += 1
@@ -160,13 +136,14 @@ async def run_load(url: str, job_id: str, body: dict, args) -> dict[str, list[fl
                     await asyncio.sleep(max(0.0, args.poll_interval - dt))
 
         async def submitter():
+            conn = connection()
             while time.perf_counter() < end:
                 t0 = time.perf_counter()
-                r = await client.post("/v1/merges", json=body)
+                status, data = await conn.request("POST", "/v1/merges", payload)
                 dt = time.perf_counter() - t0
-                if r.status_code == 202:
+                if status == 202:
                     lat["submit"].append(dt)
-                    submitted.append(r.json()["id"])
+                    submitted.append(_json.loads(data)["id"])
                 else:
                     errors["submit"] += 1
                 await asyncio.sleep(max(0.0, args.submit_interval - dt))
@@ -255,8 +232,7 @@ def main() -> int:
             while httpx.get(f"{url}/v1/merges/{job_id}").json()["status"] != "running":
                 time.sleep(0.05)
             cpu0, srv0 = time.process_time(), server_cpu(server.pid)
-            load = run_load_raw if args.client == "raw" else run_load
-            out = asyncio.run(load(url, job_id, body, args))
+            out = asyncio.run(run_load(url, job_id, body, args))
             out["cpu"] = {"client": time.process_time() - cpu0, "server": server_cpu(server.pid) - srv0}
         finally:
             server.terminate()
