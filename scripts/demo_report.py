@@ -13,34 +13,12 @@ import argparse
 import json
 import os
 
-import torch
-
-
-def _finetune(model_dir: str, head: torch.Tensor, rows: list[dict], steps: int, seed: int) -> None:
-    from transformers import AutoTokenizer, BertModel
-    torch.manual_seed(seed)
-    model = BertModel.from_pretrained(model_dir, local_files_only=True)
-    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    model.train()
-    for step in range(steps):
-        batch = [rows[(step * 16 + i) % len(rows)] for i in range(16)]
-        enc = tok([r["text"] for r in batch], return_tensors="pt", padding=True)
-        h = model(**enc).last_hidden_state
-        m = enc["attention_mask"].unsqueeze(-1).float()
-        emb = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
-        loss = torch.nn.functional.cross_entropy(30 * emb @ head.T, torch.tensor([r["label"] for r in batch]))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.save_pretrained(model_dir, safe_serialization=True)
-
 
 def main(argv: list[str] | None = None) -> int:
     from evaluation.evaluators import zero_shot_head
     from evaluation.models import load_model
     from evaluation.pipeline import run_pipeline
-    from tests.tiny_bert import make_task_rows, make_tiny_bert, perturb_checkpoint, write_jsonl
+    from tests.tiny_bert import finetune_zero_shot, make_task_rows, make_tiny_bert, perturb_checkpoint, write_jsonl
     from workers.report_html import render_report_html
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -61,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         for split, part in (("validation", rows[80:120]), ("test", rows[120:])):
             write_jsonl(os.path.join(root, f"{name}_{split}.jsonl"), part)
         d = perturb_checkpoint(base, os.path.join(root, name), seed=i, scale=0.0)
-        _finetune(d, zero_shot_head(base_model, labels).clone(), rows[:80], args.steps, seed=i)
+        finetune_zero_shot(d, zero_shot_head(base_model, labels).clone(), rows[:80], steps=args.steps, seed=i,
+                           lr=2e-3, batch_size=16)
         experts.append({"uri": d, "name": name})
         specs.append({"expert": name, "labels": labels, "test": {"uri": os.path.join(root, f"{name}_test.jsonl")},
                       "validation": {"uri": os.path.join(root, f"{name}_validation.jsonl")}})

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.tiny_bert import make_task_rows, make_tiny_bert, perturb_checkpoint, write_jsonl
+from tests.tiny_bert import finetune_zero_shot, make_task_rows, make_tiny_bert, perturb_checkpoint, write_jsonl
 
 transformers = pytest.importorskip("transformers")
 
@@ -45,26 +45,6 @@ def _zero_shot_acc(model, tok, head, rows):
     return float((pred == torch.tensor([r["label"] for r in rows])).float().mean())
 
 
-def _finetune(model_dir, head, rows, steps=25, seed=0):
-    """A few steps of real fine-tuning of the encoder under a frozen zero-shot head (the task-arithmetic recipe)."""
-    torch.manual_seed(seed)
-    model, tok = _hf(model_dir)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(steps):
-        batch = rows[(step * 8) % len(rows):][:8]
-        enc = tok([r["text"] for r in batch], return_tensors="pt", padding=True)
-        h = model(**enc).last_hidden_state
-        m = enc["attention_mask"].unsqueeze(-1).float()
-        emb = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
-        loss = torch.nn.functional.cross_entropy(30 * emb @ head.T, torch.tensor([r["label"] for r in batch]))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    model.save_pretrained(model_dir, safe_serialization=True)
-
-
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     root = tmp_path_factory.mktemp("evalfam")
@@ -80,7 +60,7 @@ def family(tmp_path_factory):
     experts = {}
     for i, name in enumerate(("A", "B")):
         d = perturb_checkpoint(base, root / f"expert{name}", seed=10 + i, scale=0.0)
-        _finetune(d, heads[name], data[name]["train"], seed=i)
+        finetune_zero_shot(d, heads[name], data[name]["train"], steps=25, seed=i, lr=3e-3, batch_size=8)
         experts[name] = d
     write_jsonl(root / "unlabeled.jsonl", [{"text": r["text"]} for r in data["A"]["train"] + data["B"]["train"]])
     return {"root": root, "base": base, "experts": experts, "heads": heads, "data": data}

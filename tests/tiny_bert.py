@@ -96,6 +96,31 @@ def perturb_checkpoint(src_dir, dst_dir, *, seed: int, scale: float = 0.02, keys
     return dst_dir
 
 
+def finetune_zero_shot(model_dir, head: torch.Tensor, rows: list[dict], *, steps: int, seed: int, lr: float,
+                       batch_size: int) -> None:
+    """Really fine-tune a saved BertModel in place: a few AdamW steps of the whole encoder under a
+    frozen zero-shot head (30·cos of the masked mean embedding with the class-prompt embeddings
+    ``head``), the task-arithmetic recipe. Batches cycle through ``rows`` in order."""
+    from transformers import AutoTokenizer, BertModel
+
+    torch.manual_seed(seed)
+    model = BertModel.from_pretrained(str(model_dir), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for step in range(steps):
+        batch = [rows[(step * batch_size + i) % len(rows)] for i in range(batch_size)]
+        enc = tok([r["text"] for r in batch], return_tensors="pt", padding=True)
+        h = model(**enc).last_hidden_state
+        m = enc["attention_mask"].unsqueeze(-1).float()
+        emb = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+        loss = torch.nn.functional.cross_entropy(30 * emb @ head.T, torch.tensor([r["label"] for r in batch]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(str(model_dir), safe_serialization=True)
+
+
 def make_task_rows(n: int, *, seed: int = 0, label_names: list[str] | None = None, words_per_text=(2, 6),
                    text_field: str = "text", label_field: str = "label", by_name: bool = False) -> list[dict]:
     """A separable two-class text task: class c draws its words from ``CLASS_WORDS[c]`` only
