@@ -178,6 +178,20 @@ class _Loader:
         return base, TensorJob(item.key, item.role, taus, index)
 
 
+def default_workers() -> int:
+    """Tensors merged at once on CPU when the spec does not say: one per usable core, at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
+def _job_bytes(item: PlanItem, n_experts: int, dtype: torch.dtype) -> int:
+    """Memory one merge job holds: the base and every task vector of one tensor."""
+    return (n_experts + 1) * math.prod(item.shape) * dtype.itemsize
+
+
 def _finish(base: torch.Tensor, merged: torch.Tensor, coefficient: float, item: PlanItem) -> torch.Tensor:
     out = base + coefficient * merged
     if item.role.transposed and len(item.shape) == 2:
@@ -359,9 +373,18 @@ def merge(spec: MergeSpec | dict, progress: Callable[[ProgressEvent], Any] | Non
                 coverage.append(_coverage(item, "merged", coefficient=coefficient, group=group or None))
 
             # The main thread reads inputs and writes outputs in plan order; a small pool merges
-            # up to `workers` tensors at once, each single-threaded.
-            workers = spec.options.workers or 1
-            pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merge") if workers > 1 else None
+            # several tensors at once, each single-threaded. What may be in flight is bounded in
+            # bytes (`workers` times the largest job), not in jobs: a count would let a bias queued
+            # behind a large matrix idle a worker, and the count of large matrices is what bounds memory.
+            workers = spec.options.workers or default_workers()
+            if device.type != "cpu":
+                workers = 1  # one stream of kernels; the GPU parallelises within a tensor
+            # OpenMP's thread count is per OS thread: a pool thread that does not set its own runs
+            # every op on all cores (2 workers × 2 OpenMP threads on 2 cores: 1.4× slower, measured).
+            pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merge",
+                                                         initializer=torch.set_num_threads, initargs=(1,)) if workers > 1 else None
+            job_bytes = {item.key: _job_bytes(item, len(experts), dtype) for item in merged_items}
+            in_flight_budget = (workers + 1) * max(job_bytes.values(), default=0)
             pending: list[tuple[int, PlanItem, concurrent.futures.Future]] = []
             prev_threads = torch.get_num_threads()
             if pool is not None:
@@ -382,7 +405,7 @@ def merge(spec: MergeSpec | dict, progress: Callable[[ProgressEvent], Any] | Non
                         continue
                     pending.append((i, item, pool.submit(compute, item, base_t, job)))
                     del base_t, job
-                    while len(pending) >= workers:
+                    while pending and sum(job_bytes[it.key] for _, it, _ in pending) >= in_flight_budget:
                         j, it, fut = pending.pop(0)
                         store(j, it, fut.result())
                 while pending:

@@ -96,8 +96,9 @@ class RunOptions(_Strict):
         "HO-GSVD on an evenly spread 8% of the matrix layers (at least 4, at most 24); 'full' on every matrix layer; "
         "norms and cosines always cover every tensor."))
     workers: int | None = Field(None, ge=1, le=64, description=(
-        "Tensors merged concurrently on CPU, each with one torch thread. Default 1: torch's own threads "
-        "(measured faster on 2 cores); more can pay off on many-core machines."))
+        "Tensors merged concurrently on CPU, each with one torch thread. Default: one per CPU core this "
+        "process may use, at most 8 (LAPACK's eigensolvers scale poorly across threads; whole tensors "
+        "in parallel do). 1: one tensor at a time with torch's own threads. Ignored on CUDA."))
 
 
 EVALUATORS = ("text_zero_shot", "sequence_classification")

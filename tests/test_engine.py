@@ -212,3 +212,50 @@ def test_sha256_file_reads_a_file_once_per_version(tmp_path, monkeypatch):
     p.write_bytes(b"y" * 1000)  # same size: the new mtime makes it a new version
     os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
     assert writer.sha256_file(str(p)) == hashlib.sha256(b"y" * 1000).hexdigest() and len(reads) == 2
+
+
+def _matrix_ckpts(root, keys, n_experts=2):
+    torch.manual_seed(1)
+    base = {k: torch.randn(*shape) for k, shape in keys.items()}
+    save_file(base, str(root / "base.safetensors"))
+    for t in range(n_experts):
+        save_file({k: v + 0.1 * torch.randn_like(v) for k, v in base.items()}, str(root / f"e{t}.safetensors"))
+    return {"method": "tsv_m", "params": {"alpha": 1.0}, "base": {"uri": str(root / "base.safetensors")},
+            "experts": [{"uri": str(root / f"e{t}.safetensors")} for t in range(n_experts)],
+            "options": {"diagnostics": "off"}}
+
+
+def test_a_small_tensor_queued_behind_a_large_one_does_not_idle_a_worker(tmp_path, monkeypatch):
+    """With 2 workers, the second large matrix must start while the first is still running even
+    though a bias sits between them in plan order (a count-based window of 2 jobs waited on the
+    first matrix with the bias as the only other job, so the merge below would deadlock)."""
+    import threading
+
+    from merging.methods import tsv_m
+    spec = _matrix_ckpts(tmp_path, {"a.weight": (48, 32), "b.bias": (48,), "c.weight": (48, 32)})
+    second_started = threading.Event()
+    calls = []
+    original = tsv_m.tsv_merge_matrix
+
+    def merge_matrix(taus):
+        calls.append(threading.current_thread().name)
+        if len(calls) == 1:
+            assert second_started.wait(20), "the second matrix never started while the first ran"
+        else:
+            second_started.set()
+        return original(taus)
+    monkeypatch.setattr(tsv_m, "tsv_merge_matrix", merge_matrix)
+    merging.merge({**spec, "output": {"uri": str(tmp_path / "out")}, "options": {"diagnostics": "off", "workers": 2}})
+    assert len(calls) == 2 and len(set(calls)) == 2, calls
+
+
+def test_workers_do_not_change_the_result(tmp_path):
+    spec = _matrix_ckpts(tmp_path, {f"l{i}.weight": (40, 24) for i in range(5)} | {f"l{i}.bias": (40,) for i in range(5)}, 3)
+    outs = []
+    for w in (1, 3, None):
+        out = tmp_path / f"out{w}"
+        merging.merge({**spec, "output": {"uri": str(out)}, "options": {"diagnostics": "off", "workers": w}})
+        outs.append(load_file(str(out / "model.safetensors")))
+    for other in outs[1:]:
+        assert other.keys() == outs[0].keys()
+        assert all(torch.equal(other[k], outs[0][k]) for k in outs[0])
