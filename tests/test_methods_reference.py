@@ -147,3 +147,25 @@ def test_polar_is_orthonormal_and_exact():
     u, _, vh = torch.linalg.svd(m.double(), full_matrices=False)
     assert torch.allclose(p.double(), u @ vh, atol=1e-5)
     assert torch.allclose(p.mT @ p, torch.eye(20), atol=1e-5)
+
+
+@pytest.mark.parametrize("n_tokens", [500, 12])  # full-rank calibration Gram (Cholesky root) and singular (eigh root)
+@pytest.mark.parametrize("d_out,d_in", [(48, 16), (16, 48)])
+def test_esm_activation_eigenpairs_match_the_direct_covariance(n_tokens, d_out, d_in):
+    from merging.methods.esm import activation_eigen
+    torch.manual_seed(3)
+    dw = torch.randn(d_out, d_in, dtype=torch.float64)
+    x = torch.randn(n_tokens, d_in, dtype=torch.float64)
+    gram = x.mT @ x
+    r = d_out // 4
+    vecs, evals, norm = activation_eigen(dw, gram, n_tokens, r)
+    cov = (x @ dw.mT).mT @ (x @ dw.mT) / (n_tokens - 1)  # AᵀA/(N−1) from the activation shift itself
+    ref_e, ref_v = torch.linalg.eigh(cov)
+    ref_e, ref_v = ref_e.flip(0)[:r], ref_v.flip(1)[:, :r]
+    rank = min(n_tokens, d_in, d_out)
+    k = min(r, rank)
+    assert torch.allclose(evals[:k], ref_e[:k], rtol=1e-9, atol=1e-9 * float(ref_e[0]))
+    # same directions up to sign where the eigenvalues are nonzero
+    assert torch.allclose((vecs[:, :k].mT @ ref_v[:, :k]).abs().diagonal(), torch.ones(k, dtype=torch.float64), atol=1e-6)
+    if n_tokens >= d_out:
+        assert norm == pytest.approx(float(dw.norm()), rel=1e-12)

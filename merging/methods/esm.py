@@ -16,7 +16,7 @@ from pydantic import Field
 
 from merging.alpha import ESM_GOLDEN
 from merging.errors import CalibrationError
-from merging.linalg import polar_with_singular_values
+from merging.linalg import gram as gram_of, polar_times, polar_with_singular_values, top_eigh
 from merging.methods.base import MergeContext, MergeMethod, MethodParams, TensorJob
 from merging.methods.tsv_m import tsv_merge_matrix
 from merging.registry import register
@@ -42,13 +42,14 @@ def activation_eigen(dw: torch.Tensor, gram: torch.Tensor, count: int, r: int) -
     the official full (padded) basis. Everything in float64.
     """
     d_out, d_in = dw.shape
+    # Eigenpairs needed: the top r, and for n_t with N < d_out the first N (the official SVD's directions).
+    need = min(d_out, r if count >= d_out else max(r, count))
     if d_out <= d_in:
-        evals, vecs = torch.linalg.eigh(dw @ gram @ dw.mT)  # (d_out, d_out)
+        evals, vecs = top_eigh(dw @ gram @ dw.mT, need)  # (d_out, d_out)
         evals, vecs = evals.flip(0).clamp_min(0), vecs.flip(1)
-    else:  # eigenpairs of B Bᵀ from those of Bᵀ B, with B = ΔW G^{1/2} (d_out × d_in)
-        g_evals, g_vecs = torch.linalg.eigh(gram)
-        b = dw @ (g_vecs * g_evals.clamp_min(0).sqrt()) @ g_vecs.mT
-        mu, w = torch.linalg.eigh(b.mT @ b)
+    else:  # eigenpairs of B Bᵀ from those of Bᵀ B, with B = ΔW L for any square root L Lᵀ = G
+        b = dw @ _gram_root(gram)
+        mu, w = top_eigh(gram_of(b), min(need, d_in))
         mu, w = mu.flip(0).clamp_min(0), w.flip(1)
         s = mu.sqrt()
         keep = s > s[0] * 1e-12 if s.numel() and s[0] > 0 else torch.zeros_like(s, dtype=torch.bool)
@@ -65,6 +66,17 @@ def activation_eigen(dw: torch.Tensor, gram: torch.Tensor, count: int, r: int) -
         proj = vecs[:, : min(vecs.shape[1], n_svd)].mT @ dw
         norm2 = float((proj * proj).sum() + (dw[count:] * dw[count:]).sum())
     return vecs[:, :r], evals[:r] / (count - 1), norm2 ** 0.5
+
+
+def _gram_root(gram: torch.Tensor) -> torch.Tensor:
+    """A square root L of the calibration Gram G (L Lᵀ = G): its Cholesky factor, or G^{1/2} from
+    the eigendecomposition when G is singular. B Bᵀ = ΔW G ΔWᵀ whichever root is used, so the
+    activation-shift eigenpairs are the same; Cholesky costs a twentieth of an eigh at d = 768."""
+    chol, info = torch.linalg.cholesky_ex(gram)
+    if int(info) == 0 and bool(torch.isfinite(chol).all()):
+        return chol
+    g_evals, g_vecs = torch.linalg.eigh(gram)
+    return (g_vecs * g_evals.clamp_min(0).sqrt()) @ g_vecs.mT
 
 
 def _complete(vecs: torch.Tensor, evals: torch.Tensor, r: int, count: int, d_out: int):
@@ -129,19 +141,19 @@ class Esm(MergeMethod):
 
     def _esd_merge(self, job: TensorJob) -> torch.Tensor:
         p, q = self.params.norm_power, self.params.eigenvalue_power
-        taus = job.taus.to(torch.float64)
-        n_tasks, d_out, d_in = taus.shape
+        n_tasks, d_out, d_in = job.taus.shape
         r = int(d_out * (1 / n_tasks))
         if r == 0:
-            return torch.zeros((d_out, d_in), dtype=torch.float64, device=taus.device)
+            return torch.zeros((d_out, d_in), dtype=torch.float64, device=job.taus.device)
         u_blocks, v_blocks, norms = [], [], []
         for t in range(n_tasks):
             gram, count = self.ctx.calibration.stats(t, job.key, d_in)
             if r > min(count, d_in):
                 self.ill_posed.append(job.key)
                 self.ctx.notes.setdefault("esm_ill_posed_rank_budget", sorted(set(self.ill_posed)))
-            e, lam, n_t = activation_eigen(taus[t], gram.to(taus.device), count, r)
-            v = (e.mT @ taus[t]) * n_t ** p
+            dw = job.taus[t].to(torch.float64)  # one task at a time: a float64 copy of all T would double the job's memory
+            e, lam, n_t = activation_eigen(dw, gram.to(dw.device), count, r)
+            v = (e.mT @ dw) * n_t ** p
             mean_lam = lam.mean()
             weight = (lam / mean_lam) ** q if mean_lam > 0 else torch.ones_like(lam)
             weight = weight / weight.mean() if weight.mean() > 0 else torch.ones_like(weight)
@@ -159,6 +171,7 @@ class Esm(MergeMethod):
             v_cat = v_cat * (col / mean_col) ** p
         # ESM works in float64 throughout; the SVD route is kept for float64 compute mode only.
         exact = job.taus.dtype == torch.float64
-        pu, su = polar_with_singular_values(u_cat, exact)
+        del u_blocks, v_blocks
         pv, sv = polar_with_singular_values(v_cat, exact)
-        return self.params.final_factor * (pu * su.mean()) @ (pv * sv.mean())
+        pu_pv, su = polar_times(u_cat, pv, exact)  # polar(U) @ polar(V) without forming polar(U)
+        return (self.params.final_factor * float(su.mean()) * float(sv.mean())) * pu_pv

@@ -12,7 +12,7 @@ import torch
 from pydantic import Field
 
 from merging.alpha import ISO_GRID
-from merging.linalg import polar, polar_with_singular_values, svd, top_singular
+from merging.linalg import polar, polar_times, polar_with_singular_values, svd, top_singular
 from merging.methods.base import MatrixMethod, TensorJob
 from merging.methods.iso_c import IsoParams
 from merging.registry import register
@@ -47,7 +47,7 @@ def iso_cts_matrix(taus: torch.Tensor, fraction: float) -> torch.Tensor:
     u_cat = torch.cat([ur.permute(1, 0, 2).reshape(m, n_tasks * s), u_c], dim=1)
     v_cat = torch.cat([vhr.reshape(n_tasks * s, n), v_c], dim=0)
     s_cat = torch.cat([sr.reshape(-1), s_c])
-    return s_cat.mean() * (polar(u_cat) @ polar(v_cat))
+    return s_cat.mean() * polar_times(u_cat, polar(v_cat))[0]
 
 
 @register

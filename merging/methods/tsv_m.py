@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from merging.alpha import SVD_GRID
-from merging.linalg import polar, top_singular
+from merging.linalg import polar, polar_times, top_singular
 from merging.methods.base import MatrixMethod, MethodParams, TensorJob
 from merging.registry import register
 
@@ -28,7 +28,8 @@ def tsv_merge_matrix(taus: torch.Tensor) -> torch.Tensor:
     u_cat = u.permute(1, 0, 2).reshape(m, n_tasks * k)
     s_cat = s.reshape(-1)
     v_cat = vh.reshape(n_tasks * k, n)
-    return (polar(u_cat) * s_cat) @ polar(v_cat)
+    # polar(U) diag(s) polar(V), with polar(U) applied to the small right factor
+    return polar_times(u_cat, s_cat.unsqueeze(-1) * polar(v_cat))[0]
 
 
 @register

@@ -1,0 +1,89 @@
+"""Two BLAS/LAPACK routines that torch does not expose, from the OpenBLAS build that NumPy and
+SciPy ship (the ``scipy-openblas32`` wheel, symbols prefixed ``scipy_``), called through ctypes:
+
+* ``syrk``: one triangle of ``xᵀx``, half the flops of a matmul;
+* ``syevr`` (MRRR) with an index range: the top-k eigenpairs of a symmetric matrix without
+  computing the other n − k eigenvectors (syevd, behind ``torch.linalg.eigh``, computes all).
+
+ctypes releases the GIL for the call, so merge workers run them in parallel (SciPy's wrappers of
+the same routines hold it). The library is set to one thread: parallelism comes from the engine's
+workers, one tensor per core. Everything here is optional: ``available()`` is False when the
+wheel is missing or its symbols differ, and ``merging.linalg`` then uses torch alone.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+
+import torch
+
+_ROW_MAJOR, _COL_MAJOR = 101, 102
+_UPPER, _TRANS = 121, 112
+
+_lib = None
+_loaded = False
+_lock = threading.Lock()
+
+
+def _load():
+    global _lib, _loaded
+    with _lock:
+        if _loaded:
+            return _lib
+        _loaded = True
+        if os.environ.get("SUBMERGE_NO_OPENBLAS"):  # escape hatch, and how the tests run the torch-only path
+            return None
+        try:
+            import scipy_openblas32 as pkg
+            lib = ctypes.CDLL(os.path.join(pkg.get_lib_dir(), pkg.get_library(fullname=True)))
+            syrk, syevr = lib.scipy_cblas_dsyrk, lib.scipy_LAPACKE_dsyevr
+            lib.scipy_openblas_set_num_threads(ctypes.c_int(1))
+        except (ImportError, OSError, AttributeError, IndexError):
+            return None
+        dp, i32, c = ctypes.c_void_p, ctypes.c_int32, ctypes.c_char
+        syrk.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, i32, i32, ctypes.c_double, dp, i32,
+                         ctypes.c_double, dp, i32]
+        syrk.restype = None
+        syevr.argtypes = [ctypes.c_int, c, c, c, i32, dp, i32, ctypes.c_double, ctypes.c_double, i32, i32,
+                          ctypes.c_double, ctypes.POINTER(i32), dp, dp, i32, dp]
+        syevr.restype = i32
+        _lib = lib
+        return lib
+
+
+def available(t: torch.Tensor) -> bool:
+    """Whether the routines here apply to ``t``: a float64 CPU tensor, with the library present."""
+    return t.device.type == "cpu" and t.dtype == torch.float64 and _load() is not None
+
+
+def syrk_gram(x: torch.Tensor) -> torch.Tensor:
+    """``xᵀx`` (n × n, symmetric) of a 2-D float64 CPU ``x`` (m × n)."""
+    x = x.contiguous()
+    m, n = x.shape
+    c = torch.zeros((n, n), dtype=torch.float64)
+    # Row-major A = x (lda = n), C = Aᵀ A: only the upper triangle of C is written.
+    _lib.scipy_cblas_dsyrk(_ROW_MAJOR, _UPPER, _TRANS, n, m, 1.0, x.data_ptr(), n, 0.0, c.data_ptr(), n)
+    return c.triu_() + c.triu(1).mT
+
+
+class EigenError(RuntimeError):
+    """syevr reported an internal failure (info > 0)."""
+
+
+def syevr_top(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest eigenpairs of a symmetric float64 CPU ``a`` (n × n), ascending:
+    ``(evals (k,), evecs (n, k))``. Reads one triangle of ``a`` and does not modify it."""
+    n = a.shape[0]
+    work = a.contiguous().clone()  # destroyed by LAPACK
+    w = torch.empty(n, dtype=torch.float64)
+    z = torch.empty((k, n), dtype=torch.float64)  # column-major n × k: row i is eigenvector i
+    isuppz = torch.empty(2 * max(1, k), dtype=torch.int32)
+    found = ctypes.c_int32(0)
+    # Column-major view of a C-contiguous symmetric matrix is the matrix itself.
+    info = _lib.scipy_LAPACKE_dsyevr(_COL_MAJOR, b"V", b"I", b"U", n, work.data_ptr(), n, 0.0, 0.0,
+                                     n - k + 1, n, 0.0, ctypes.byref(found), w.data_ptr(), z.data_ptr(), n,
+                                     isuppz.data_ptr())
+    if info != 0 or found.value != k:
+        raise EigenError(f"LAPACK dsyevr failed (info={info}, {found.value} of {k} eigenpairs)")
+    return w[:k].clone(), z.mT

@@ -1,0 +1,112 @@
+"""merging.lapack (OpenBLAS syrk / syevr through ctypes) and the torch-only path of merging.linalg
+that runs when the library is missing."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from merging import lapack, linalg
+from merging.methods.iso_cts import iso_cts_matrix
+from merging.methods.tsv_m import tsv_merge_matrix
+
+needs_lib = pytest.mark.skipif(not lapack.available(torch.zeros(1, dtype=torch.float64)),
+                               reason="scipy-openblas32 is a project dependency; installed by make install")
+
+
+@pytest.fixture()
+def torch_only(monkeypatch):
+    monkeypatch.setattr(lapack, "_lib", None)
+    monkeypatch.setattr(lapack, "_loaded", True)
+
+
+@needs_lib
+@pytest.mark.parametrize("shape", [(300, 40), (40, 40), (7, 40)])
+def test_syrk_gram_is_the_full_symmetric_gram(shape):
+    x = torch.randn(*shape, dtype=torch.float64)
+    g = linalg.gram(x)
+    assert torch.equal(g, g.mT)
+    assert torch.allclose(g, x.mT @ x, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(linalg.gram(x[:, ::2]), x[:, ::2].mT @ x[:, ::2], atol=1e-12)  # non-contiguous input
+
+
+@needs_lib
+@pytest.mark.parametrize("k", [1, 5, 39])
+def test_syevr_top_k_matches_eigh(k):
+    a = torch.randn(60, 40, dtype=torch.float64)
+    g = a.mT @ a
+    before = g.clone()
+    evals, vecs = linalg.top_eigh(g, k)
+    full_e, full_v = torch.linalg.eigh(g)
+    assert torch.equal(g, before)  # the input is not overwritten
+    assert torch.allclose(evals, full_e[-k:], rtol=1e-12)
+    # same eigenvectors up to sign (the spectrum of a random Gram matrix is simple)
+    assert torch.allclose((vecs.mT @ full_v[:, -k:]).abs(), torch.eye(k, dtype=torch.float64), atol=1e-9)
+    assert torch.allclose(g @ vecs, vecs * evals, atol=1e-9)
+
+
+@needs_lib
+def test_syevr_top_is_batched_like_eigh():
+    a = torch.randn(3, 50, 20, dtype=torch.float64)
+    evals, vecs = linalg.top_eigh(a.mT @ a, 4)
+    assert evals.shape == (3, 4) and vecs.shape == (3, 20, 4)
+    for i in range(3):
+        e, _ = torch.linalg.eigh(a[i].mT @ a[i])
+        assert torch.allclose(evals[i], e[-4:], rtol=1e-12)
+
+
+@needs_lib
+def test_the_calls_release_the_gil():
+    """Merge workers are threads: while one thread is inside syevr, Python code in another must run."""
+    a = torch.randn(2000, 700, dtype=torch.float64)
+    g = a.mT @ a
+    ticks, done = [], threading.Event()
+
+    def busy_python():
+        while not done.is_set():
+            ticks.append(1)
+    t = threading.Thread(target=busy_python)
+    t.start()
+    try:
+        before = len(ticks)
+        for _ in range(3):
+            linalg.top_eigh(g, 300)
+            linalg.gram(a)
+        during = len(ticks) - before
+    finally:
+        done.set()
+        t.join()
+    # With the GIL held for each call the other thread gets only the switch points between calls.
+    assert during > 10_000, during
+
+
+@needs_lib
+def test_methods_agree_with_and_without_the_library(monkeypatch):
+    torch.manual_seed(0)
+    taus = torch.randn(4, 96, 64) * 1e-3
+    with_lib = (tsv_merge_matrix(taus), iso_cts_matrix(taus, 0.8))
+    monkeypatch.setattr(lapack, "_lib", None)
+    monkeypatch.setattr(lapack, "_loaded", True)
+    assert not lapack.available(taus.double())
+    without = (tsv_merge_matrix(taus), iso_cts_matrix(taus, 0.8))
+    for x, y in zip(with_lib, without):
+        assert torch.allclose(x, y, rtol=1e-5, atol=1e-9 * float(y.abs().max()))
+
+
+def test_torch_only_path(torch_only):
+    x = torch.randn(50, 20, dtype=torch.float64)
+    assert torch.allclose(linalg.gram(x), x.mT @ x)
+    evals, vecs = linalg.top_eigh(x.mT @ x, 3)
+    assert torch.allclose(evals, torch.linalg.eigvalsh(x.mT @ x)[-3:])
+    assert vecs.shape == (20, 3)
+
+
+def test_syevr_failure_falls_back_to_the_svd(monkeypatch):
+    """A LAPACK failure inside top_singular's eigensolver is not an error: the SVD is used."""
+    def broken(a, k):
+        raise lapack.EigenError("LAPACK dsyevr failed (info=1, 0 of 3 eigenpairs)")
+    monkeypatch.setattr(linalg, "top_eigh", broken)
+    a = torch.randn(30, 12)
+    u, s, vh = linalg.top_singular(a, 3)
+    assert torch.allclose(s, torch.linalg.svdvals(a)[:3], rtol=1e-5)
