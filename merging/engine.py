@@ -376,7 +376,7 @@ def merge(spec: MergeSpec | dict, progress: Callable[[ProgressEvent], Any] | Non
             # several tensors at once, each single-threaded. What may be in flight is bounded in
             # bytes (`workers` times the largest job), not in jobs: a count would let a bias queued
             # behind a large matrix idle a worker, and the count of large matrices is what bounds memory.
-            workers = spec.options.workers or default_workers()
+            workers = spec.options.workers or min(default_workers(), method.default_max_workers or 64)
             if device.type != "cpu":
                 workers = 1  # one stream of kernels; the GPU parallelises within a tensor
             # OpenMP's thread count is per OS thread: a pool thread that does not set its own runs

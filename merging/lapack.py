@@ -1,7 +1,7 @@
 """Two BLAS/LAPACK routines that torch does not expose, from the OpenBLAS build that NumPy and
 SciPy ship (the ``scipy-openblas32`` wheel, symbols prefixed ``scipy_``), called through ctypes:
 
-* ``syrk``: one triangle of ``xᵀx``, half the flops of a matmul;
+* ``syrk``: the upper triangle of ``xᵀx``, half the flops of a matmul;
 * ``syevr`` (MRRR) with an index range: the top-k eigenpairs of a symmetric matrix without
   computing the other n − k eigenvectors (syevd, behind ``torch.linalg.eigh``, computes all).
 
@@ -57,31 +57,34 @@ def available(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype == torch.float64 and _load() is not None
 
 
-def syrk_gram(x: torch.Tensor) -> torch.Tensor:
-    """``xᵀx`` (n × n, symmetric) of a 2-D float64 CPU ``x`` (m × n)."""
+def syrk_upper(x: torch.Tensor) -> torch.Tensor:
+    """The upper triangle of ``xᵀx`` (n × n; zeros below the diagonal) of a 2-D float64 CPU ``x``
+    (m × n). Eigensolvers read one triangle, so symmetrising (two more n × n arrays) is left to
+    callers that need the full matrix."""
     x = x.contiguous()
     m, n = x.shape
     c = torch.zeros((n, n), dtype=torch.float64)
     # Row-major A = x (lda = n), C = Aᵀ A: only the upper triangle of C is written.
     _lib.scipy_cblas_dsyrk(_ROW_MAJOR, _UPPER, _TRANS, n, m, 1.0, x.data_ptr(), n, 0.0, c.data_ptr(), n)
-    return c.triu_() + c.triu(1).mT
+    return c
 
 
 class EigenError(RuntimeError):
     """syevr reported an internal failure (info > 0)."""
 
 
-def syevr_top(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def syevr_top(a: torch.Tensor, k: int, upper: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` largest eigenpairs of a symmetric float64 CPU ``a`` (n × n), ascending:
-    ``(evals (k,), evecs (n, k))``. Reads one triangle of ``a`` and does not modify it."""
+    ``(evals (k,), evecs (n, k))``. Reads the lower triangle of ``a`` (the upper one with
+    ``upper``, like ``torch.linalg.eigh``'s UPLO) and does not modify ``a``."""
     n = a.shape[0]
     work = a.contiguous().clone()  # destroyed by LAPACK
     w = torch.empty(n, dtype=torch.float64)
     z = torch.empty((k, n), dtype=torch.float64)  # column-major n × k: row i is eigenvector i
     isuppz = torch.empty(2 * max(1, k), dtype=torch.int32)
     found = ctypes.c_int32(0)
-    # Column-major view of a C-contiguous symmetric matrix is the matrix itself.
-    info = _lib.scipy_LAPACKE_dsyevr(_COL_MAJOR, b"V", b"I", b"U", n, work.data_ptr(), n, 0.0, 0.0,
+    # LAPACK sees the C-contiguous matrix transposed (column-major): its upper triangle is our lower one.
+    info = _lib.scipy_LAPACKE_dsyevr(_COL_MAJOR, b"V", b"I", b"L" if upper else b"U", n, work.data_ptr(), n, 0.0, 0.0,
                                      n - k + 1, n, 0.0, ctypes.byref(found), w.data_ptr(), z.data_ptr(), n,
                                      isuppz.data_ptr())
     if info != 0 or found.value != k:

@@ -67,20 +67,28 @@ def _svd_via_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 def gram(x: torch.Tensor) -> torch.Tensor:
     """``xᵀx`` of a 2-D ``x``; float64 CPU inputs use BLAS syrk (one triangle, half the flops)."""
+    g, upper_only = _gram_triangle(x)
+    return g.triu_() + g.triu(1).mT if upper_only else g
+
+
+def _gram_triangle(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``(xᵀx, upper_only)``: with ``upper_only`` only the upper triangle is set, which is all an
+    eigensolver reads (UPLO='U'); symmetrising a 3072² Gram costs two more 75 MB arrays."""
     if x.ndim == 2 and lapack.available(x):
-        return lapack.syrk_gram(x)
-    return x.mT @ x
+        return lapack.syrk_upper(x), True
+    return x.mT @ x, False
 
 
-def top_eigh(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def top_eigh(a: torch.Tensor, k: int, upper: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` largest eigenpairs of the symmetric ``a`` (batched over leading dims), in
-    ascending order like ``torch.linalg.eigh``: ``(evals (..., k), evecs (..., n, k))``."""
+    ascending order like ``torch.linalg.eigh``: ``(evals (..., k), evecs (..., n, k))``. Reads the
+    lower triangle of ``a``, or the upper one with ``upper``."""
     n = a.shape[-1]
     if 0 < k < n and lapack.available(a):
-        flat = [lapack.syevr_top(a_i, k) for a_i in a.reshape(-1, n, n)]
+        flat = [lapack.syevr_top(a_i, k, upper) for a_i in a.reshape(-1, n, n)]
         return (torch.stack([e for e, _ in flat]).reshape(*a.shape[:-2], k),
                 torch.stack([v for _, v in flat]).reshape(*a.shape[:-2], n, k))
-    evals, vecs = torch.linalg.eigh(a)
+    evals, vecs = torch.linalg.eigh(a, UPLO="U" if upper else "L")
     return evals[..., n - k:], vecs[..., n - k:]
 
 
@@ -130,7 +138,9 @@ def _polar_gram(x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, 
     """``(polar(x) [@ y], singular values)`` of a tall ``x`` via the float64 eigendecomposition of
     ``xᵀx``: polar(x) = x (xᵀx)^{-1/2}. Results in float64."""
     x = x.to(torch.float64)
-    evals, w = torch.linalg.eigh(gram(x))  # the Gram matrix is freed right away
+    g, upper = _gram_triangle(x)
+    evals, w = torch.linalg.eigh(g, UPLO="U" if upper else "L")
+    del g
     sv2 = evals.clamp_min(0)
     smax = sv2.max().sqrt() if sv2.numel() else torch.tensor(0.0, dtype=x.dtype)
     # Condition guard: eigh of the Gram matrix squares the condition number. When the smallest
@@ -165,7 +175,9 @@ def top_singular(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, t
     wide = m < n
     x = (a.mT if wide else a).to(torch.float64)  # tall: (M, r)
     try:
-        evals, w = top_eigh(gram(x), k)
+        g, upper = _gram_triangle(x)
+        evals, w = top_eigh(g, k, upper)
+        del g
     except RuntimeError:  # LAPACK non-convergence (torch, or lapack.EigenError)
         u, s, vh = svd(a)
         return u[..., :k], s[..., :k], vh[..., :k, :]

@@ -109,7 +109,17 @@ def test_existing_output_is_refused_then_replaced_with_overwrite(ckpts):
     assert not [p for p in os.listdir(root) if ".old-" in p or ".partial-" in p]
 
 
-def test_esm_spill_is_cleaned_up(tmp_path):
+def test_esm_spill_is_cleaned_up(tmp_path, monkeypatch):
+    import threading
+
+    from merging.methods.esm import Esm
+    threads = set()
+    original = Esm._esd_merge
+
+    def esd_merge(self, job):
+        threads.add(threading.current_thread().name)
+        return original(self, job)
+    monkeypatch.setattr(Esm, "_esd_merge", esd_merge)
     torch.manual_seed(0)
     keys = {f"blocks.{i}.mlp.c_fc.weight": (16, 4) for i in range(2)}
     save_file({k: torch.zeros(s) for k, s in keys.items()}, str(tmp_path / "base.safetensors"))
@@ -126,6 +136,7 @@ def test_esm_spill_is_cleaned_up(tmp_path):
     out = load_file(str(tmp_path / "out" / "model.safetensors"))
     norms = [out[k].norm() for k in keys]
     assert all(torch.isfinite(n) for n in norms)
+    assert threads == {"MainThread"}  # ESM's default is one worker (its work arrays are large)
 
 
 def test_manifest_redacts_credentials_in_uris():

@@ -104,9 +104,38 @@ def test_torch_only_path(torch_only):
 
 def test_syevr_failure_falls_back_to_the_svd(monkeypatch):
     """A LAPACK failure inside top_singular's eigensolver is not an error: the SVD is used."""
-    def broken(a, k):
+    def broken(a, k, upper=False):
         raise lapack.EigenError("LAPACK dsyevr failed (info=1, 0 of 3 eigenpairs)")
     monkeypatch.setattr(linalg, "top_eigh", broken)
     a = torch.randn(30, 12)
     u, s, vh = linalg.top_singular(a, 3)
     assert torch.allclose(s, torch.linalg.svdvals(a)[:3], rtol=1e-5)
+
+
+def test_submerge_no_openblas_turns_the_library_off():
+    import subprocess
+    import sys
+    code = "import torch; from merging import lapack; print(lapack.available(torch.zeros(1, dtype=torch.float64)))"
+    env = {**__import__("os").environ, "SUBMERGE_NO_OPENBLAS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("library", [True, False])
+def test_top_eigh_reads_only_the_triangle_asked_for(library, monkeypatch):
+    if not library:
+        monkeypatch.setattr(lapack, "_lib", None)
+        monkeypatch.setattr(lapack, "_loaded", True)
+    elif not lapack.available(torch.zeros(1, dtype=torch.float64)):
+        pytest.skip("scipy-openblas32 not installed")
+    a = torch.randn(40, 12, dtype=torch.float64)
+    g = a.mT @ a
+    ref, _ = torch.linalg.eigh(g)
+    upper_only = g.triu() + torch.full_like(g, float("nan")).tril(-1)
+    lower_only = g.tril() + torch.full_like(g, float("nan")).triu(1)
+    assert torch.allclose(linalg.top_eigh(upper_only, 4, upper=True)[0], ref[-4:], rtol=1e-12)
+    assert torch.allclose(linalg.top_eigh(lower_only, 4)[0], ref[-4:], rtol=1e-12)
+    # and the Gram triangle the polar factor and top_singular feed to the eigensolvers
+    g_tri, upper = linalg._gram_triangle(a)
+    assert upper == library
+    assert torch.allclose(torch.linalg.eigvalsh(g_tri, UPLO="U" if upper else "L"), ref, rtol=1e-12)

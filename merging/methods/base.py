@@ -64,6 +64,9 @@ class MergeMethod:
     Params: ClassVar[type[MethodParams]] = MethodParams
     prepasses: ClassVar[int] = 0
     needs_calibration: ClassVar[bool] = False
+    # Default cap on options.workers (None: one per core). A method whose per-tensor working memory
+    # is large sets it, so the default stays inside the memory target; an explicit options.workers wins.
+    default_max_workers: ClassVar[int | None] = None
     # How params.alpha = "auto" searches α (merging/alpha.py); None: the method has no α to search.
     alpha_search: ClassVar["AlphaSearch | None"] = None
 
