@@ -120,6 +120,9 @@ class Pipeline:
         self.base_model = None   # the untouched base: zero-shot heads and base scores
         self._work = None        # the base architecture that candidate states are copied into
         self._seq_models: dict[str, Any] = {}  # sequence_classification: each task's expert (its head)
+        # model id -> (the model, the state dict last copied into it): zero-shot tasks share one model, so
+        # an α candidate's weights are copied in once, not once per task (the dict is kept, so ids are not reused)
+        self._state_in: dict[int, tuple[Any, dict]] = {}
         self._base_state: dict[str, torch.Tensor] | None = None
         self.curve: list[AlphaScore] = []
         self.chosen: AlphaScore | None = None
@@ -221,8 +224,11 @@ class Pipeline:
             if model is None:
                 e = self.expert_ref(task.spec.expert)
                 model = self._seq_models[task.name] = self.load(e.uri, e.revision)
-        heads = self._head_keys(backbone) if task.evaluator == "sequence_classification" else set()
-        model.set_state({k: v for k, v in backbone.items() if k not in heads})
+        last = self._state_in.get(id(model))
+        if last is None or last[1] is not backbone:
+            heads = self._head_keys(backbone) if task.evaluator == "sequence_classification" else set()
+            model.set_state({k: v for k, v in backbone.items() if k not in heads})
+            self._state_in[id(model)] = (model, backbone)
         return model
 
     def _cached_score(self, which: str, uri: str, revision: str | None, task: TaskData, split: str, build) -> float:

@@ -308,3 +308,22 @@ def test_report_html_with_evaluation_only(family, tmp_path):
     assert "<title>Merge report: task_arithmetic</title>" in page and "could not be drawn" not in page
     assert page.count("<img") == 2 and 'alt="per-task accuracy"' in page and 'alt="alpha curve"' in page
     assert '<td class="l">average</td>' in page  # the averages row under the table
+
+
+def test_alpha_search_copies_each_candidate_into_the_shared_zero_shot_model_once(family, tmp_path, monkeypatch):
+    """Zero-shot tasks share one model: an α candidate's weights are copied in once, not once per task
+    (at T = 8 that was 8 copies of the whole state per candidate)."""
+    from evaluation.models import TextModel
+    from evaluation.pipeline import run_pipeline
+    calls = []
+    original = TextModel.set_state
+
+    def set_state(self, state):
+        calls.append(len(state))
+        return original(self, state)
+    monkeypatch.setattr(TextModel, "set_state", set_state)
+    run = run_pipeline(_spec(family, "once", params={"alpha": "auto"}), cache_dir=str(tmp_path))
+    n_candidates = len(run.evaluation["alpha_search"]["curve"])
+    assert n_candidates == 30
+    # one copy per candidate, one for the published model (2 tasks would make it 2 × 31)
+    assert len(calls) == n_candidates + 1, len(calls)
