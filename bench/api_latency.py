@@ -193,6 +193,7 @@ def main() -> int:
     ap.add_argument("--tensors", type=int, default=400)
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--method", default="task_arithmetic", help="method of the merge being polled")
+    ap.add_argument("--merge-workers", type=int, help="options.workers of the polled merge (default: the engine's)")
     ap.add_argument("--worker-nice", type=int, help="SUBMERGE_WORKER_NICE for the server (default: the setting's default, 10)")
     ap.add_argument("--cpu-bound", action="store_true",
                     help="no SUBMERGE_DEBUG_STEP_DELAY: the polled merge really computes (use e.g. --method tsv_m "
@@ -227,7 +228,8 @@ def main() -> int:
                     raise SystemExit("the API did not start")
                 time.sleep(0.1)
             body = {"method": args.method, "params": {"alpha": 0.5}, "base": {"uri": base},
-                    "experts": [{"uri": e} for e in experts], "options": {"device": "cpu"}}
+                    "experts": [{"uri": e} for e in experts],
+                    "options": {"device": "cpu", **({"workers": args.merge_workers} if args.merge_workers else {})}}
             job_id = httpx.post(f"{url}/v1/merges", json=body, timeout=30).json()["id"]
             while httpx.get(f"{url}/v1/merges/{job_id}").json()["status"] != "running":
                 time.sleep(0.05)
