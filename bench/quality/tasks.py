@@ -25,6 +25,8 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TASKS_DIR = REPO_ROOT.parent / "shared" / "benchmark" / "text-tasks"
+# six more tasks for T = 14, committed with the repo (bench/quality/derive_tasks.py); loaded after the shared 8
+EXTRA_TASKS_DIR = Path(__file__).resolve().parent / "extra_tasks"
 
 LANGUAGES = {"cs": "Czech", "de": "German", "en": "English", "eo": "Esperanto", "es": "Spanish", "it": "Italian",
              "pl": "Polish", "pt": "Portuguese", "ru": "Russian"}
@@ -39,6 +41,25 @@ PROMPTS: dict[str, tuple[str, dict[str, str]]] = {
     "kaomoji_category": ("a {label} emoticon", {}),
     "debian_section": ("software package for {label}", {}),
     "vader_word_sentiment": ("a {label} word", {"neg": "negative", "pos": "positive"}),
+    # the extra tasks (bench/quality/extra_tasks, made by bench/quality/derive_tasks.py)
+    "fortune_de_topic": ("{label} in German", {
+        "fussball": "a football quote", "letzteworte": "someone's last words", "ms": "a joke about Microsoft",
+        "namen": "a funny name", "regeln": "a farmer's weather rule", "sprueche": "a wise saying",
+        "unfug": "a nonsense saying", "witze": "a joke", "woerterbuch": "a humorous dictionary definition",
+        "zitate": "a quotation"}),
+    "kaomoji_intent": ("an emoticon for {label}", {
+        "apology": "an apology", "celebrate": "a celebration", "cheer up": "encouragement", "greeting": "a greeting",
+        "kiss": "a kiss", "pointing": "pointing at something", "shrug": "a shrug", "table flip": "flipping a table",
+        "tease": "teasing", "wink": "a wink"}),
+    "kaomoji_subject": ("an emoticon with {label}", {
+        "animal": "an animal", "cat": "a cat", "dance": "dancing", "device": "a phone or computer", "food": "food",
+        "heart": "a heart", "music": "music", "sparkle": "sparkles", "weapon": "a weapon", "writing": "writing"}),
+    "name_country": ("a first name from {label}", {
+        "arabia": "Arabia or Persia", "china": "China", "germany": "Germany", "iceland": "Iceland",
+        "india": "India or Sri Lanka", "italy": "Italy", "japan": "Japan", "korea": "Korea",
+        "the_netherlands": "the Netherlands", "turkey": "Turkey"}),
+    "name_gender": ("the first name of a {label}", {"female": "woman", "male": "man"}),
+    "word_lang_id": ("a word in {label}", {**LANGUAGES, "fr": "French", "nl": "Dutch", "sv": "Swedish"}),
 }
 DEFAULT_PROMPT = "{label}"
 
@@ -123,10 +144,15 @@ def load_task(path: str | os.PathLike, *, val_size: int = 100, seed: int = 0) ->
 
 
 def task_files(tasks_dir: str | os.PathLike | None = None) -> list[Path]:
-    d = Path(tasks_dir or os.environ.get("SUBMERGE_BENCH_TASKS_DIR") or DEFAULT_TASKS_DIR)
+    """The task files: ``tasks_dir`` (or ``$SUBMERGE_BENCH_TASKS_DIR``) sorted by name; by default the
+    shared 8 sorted by name, then ``EXTRA_TASKS_DIR``'s sorted by name (so T = 4 / 8 stay the same)."""
+    explicit = tasks_dir or os.environ.get("SUBMERGE_BENCH_TASKS_DIR")
+    d = Path(explicit or DEFAULT_TASKS_DIR)
     files = sorted(d.glob("*.json"))
     if not files:
         raise FileNotFoundError(f"no task files (*.json) in {d}; see shared/BENCHMARK-DATA.md")
+    if not explicit:
+        files += sorted(EXTRA_TASKS_DIR.glob("*.json"))
     return files
 
 
@@ -172,5 +198,5 @@ def data_digest(task: Task) -> str:
     return h.hexdigest()
 
 
-__all__ = ["Task", "PROMPTS", "DEFAULT_TASKS_DIR", "class_name", "split_train", "load_task", "load_tasks", "task_files",
+__all__ = ["Task", "PROMPTS", "DEFAULT_TASKS_DIR", "EXTRA_TASKS_DIR", "class_name", "split_train", "load_task", "load_tasks", "task_files",
            "write_splits", "data_digest"]
