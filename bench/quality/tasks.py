@@ -198,5 +198,5 @@ def data_digest(task: Task) -> str:
     return h.hexdigest()
 
 
-__all__ = ["Task", "PROMPTS", "DEFAULT_TASKS_DIR", "EXTRA_TASKS_DIR", "class_name", "split_train", "load_task", "load_tasks", "task_files",
-           "write_splits", "data_digest"]
+__all__ = ["Task", "PROMPTS", "DEFAULT_TASKS_DIR", "EXTRA_TASKS_DIR", "class_name", "split_train", "load_task",
+           "load_tasks", "task_files", "write_splits", "data_digest"]
