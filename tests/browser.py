@@ -36,8 +36,11 @@ def chromium_unavailable_reason() -> str:
 
 PROBE_ID = "probe"
 
-# Runs on window `load` (all <img> data: URIs fetched). decode() waits for each image to be decodable;
-# the canvas check counts distinct colours in a 32×32 thumbnail so a blank image is told apart from a plot.
+# Runs on window `load` (all <img> data: URIs fetched) and writes its result synchronously: an
+# earlier version waited on img.decode() promises, which can settle after --dump-dom has printed the
+# page under CPU load (the probe then "never ran"). A data: image that failed to decode is complete
+# with naturalWidth 0; drawing each image onto a canvas decodes it synchronously, and counting the
+# distinct colours of a 32×32 thumbnail tells a blank image from a plot.
 PROBE_SCRIPT = r"""
 <script>
 window.addEventListener("load", function () {
@@ -51,25 +54,22 @@ window.addEventListener("load", function () {
       return Object.keys(seen).length;
     } catch (e) { return -1; }
   }
-  Promise.all(imgs.map(function (im) {
-    return (im.decode ? im.decode() : Promise.resolve()).then(function () { return true; }, function () { return false; });
-  })).then(function (decoded) {
-    var rows = imgs.map(function (im, i) {
-      var r = im.getBoundingClientRect();
-      return {alt: im.alt, complete: im.complete, naturalWidth: im.naturalWidth, naturalHeight: im.naturalHeight,
-              decoded: decoded[i], ok: im.complete && im.naturalWidth > 0, shownWidth: Math.round(r.width),
-              shownHeight: Math.round(r.height), colours: colours(im)};
-    });
-    var res = {loaded: true, title: document.title, count: imgs.length,
-               ok: rows.filter(function (r) { return r.ok && r.decoded; }).length,
-               headings: Array.prototype.map.call(document.querySelectorAll("h1, h2"), function (h) {
-                 return {tag: h.tagName.toLowerCase(), text: h.textContent.trim()}; }),
-               sections: Array.prototype.map.call(document.querySelectorAll("section[id]"), function (s) { return s.id; }),
-               images: rows, scrollHeight: document.documentElement.scrollHeight};
-    var pre = document.createElement("pre");
-    pre.id = "probe"; pre.style.display = "none"; pre.textContent = JSON.stringify(res);
-    document.body.appendChild(pre);
+  var rows = imgs.map(function (im) {
+    var r = im.getBoundingClientRect();
+    var decoded = im.complete && im.naturalWidth > 0 && im.naturalHeight > 0;
+    return {alt: im.alt, complete: im.complete, naturalWidth: im.naturalWidth, naturalHeight: im.naturalHeight,
+            decoded: decoded, ok: decoded, shownWidth: Math.round(r.width),
+            shownHeight: Math.round(r.height), colours: decoded ? colours(im) : 0};
   });
+  var res = {loaded: true, title: document.title, count: imgs.length,
+             ok: rows.filter(function (r) { return r.ok; }).length,
+             headings: Array.prototype.map.call(document.querySelectorAll("h1, h2"), function (h) {
+               return {tag: h.tagName.toLowerCase(), text: h.textContent.trim()}; }),
+             sections: Array.prototype.map.call(document.querySelectorAll("section[id]"), function (s) { return s.id; }),
+             images: rows, scrollHeight: document.documentElement.scrollHeight};
+  var pre = document.createElement("pre");
+  pre.id = "probe"; pre.style.display = "none"; pre.textContent = JSON.stringify(res);
+  document.body.appendChild(pre);
 });
 </script>
 """
