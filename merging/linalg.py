@@ -158,6 +158,12 @@ def _polar_gram(x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, 
     return x @ (w @ z), s
 
 
+def _one_at_a_time(a: torch.Tensor) -> bool:
+    """Batches on CPU go one matrix at a time: a float64 copy of the whole batch would double a
+    job's memory. On CUDA the batched call is what keeps the GPU busy."""
+    return a.ndim > 2 and a.device.type == "cpu"
+
+
 def top_singular(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``k`` singular triplets ``(U_k, S_k, Vh_k)`` of ``a`` (batched over leading dims).
 
@@ -169,7 +175,7 @@ def top_singular(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, t
     if a.dtype == torch.float64 or 2 * k > r or k == 0:
         u, s, vh = svd(a)
         return u[..., :k], s[..., :k], vh[..., :k, :]
-    if a.ndim > 2:  # one matrix at a time: a float64 copy of the whole batch would double a job's memory
+    if _one_at_a_time(a):
         parts = [top_singular(a_i, k) for a_i in a.reshape(-1, m, n)]
         return tuple(torch.stack([p[j] for p in parts]).reshape(*a.shape[:-2], *parts[0][j].shape) for j in range(3))
     wide = m < n
@@ -182,11 +188,11 @@ def top_singular(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, t
         u, s, vh = svd(a)
         return u[..., :k], s[..., :k], vh[..., :k, :]
     evals = evals.flip(-1).clamp_min(0)
-    v = w.flip(-1)  # (r, k) right singular vectors of x
+    v = w.flip(-1)  # (..., r, k) right singular vectors of x
     s = evals.sqrt()
     safe = torch.where(s > 0, s, torch.ones_like(s))
-    u = (x @ v) / safe  # left singular vectors of x
-    u = torch.where(s > 0, u, torch.zeros_like(u))
+    u = (x @ v) / safe.unsqueeze(-2)  # left singular vectors of x
+    u = torch.where(s.unsqueeze(-2) > 0, u, torch.zeros_like(u))
     if wide:
         u, v = v, u
     return u.to(a.dtype), s.to(a.dtype), v.mT.to(a.dtype)

@@ -139,3 +139,18 @@ def test_top_eigh_reads_only_the_triangle_asked_for(library, monkeypatch):
     g_tri, upper = linalg._gram_triangle(a)
     assert upper == library
     assert torch.allclose(torch.linalg.eigvalsh(g_tri, UPLO="U" if upper else "L"), ref, rtol=1e-12)
+
+
+def test_top_singular_batched_path_matches_the_per_matrix_one(monkeypatch):
+    """CUDA keeps the batched Gram/eigh call; CI has no GPU, so the batched path is forced on CPU."""
+    torch.manual_seed(1)
+    a = torch.randn(3, 40, 24)
+    per_matrix = linalg.top_singular(a, 5)
+    monkeypatch.setattr(linalg, "_one_at_a_time", lambda a: False)
+    batched = linalg.top_singular(a, 5)
+    for x, y in zip(per_matrix, batched):
+        assert x.shape == y.shape
+    assert torch.allclose(per_matrix[1], batched[1], rtol=1e-5)
+    # same singular subspaces (signs may differ)
+    assert torch.allclose((per_matrix[0].mT @ batched[0]).abs().diagonal(dim1=-2, dim2=-1), torch.ones(3, 5), atol=1e-4)
+    assert torch.allclose((per_matrix[2] @ batched[2].mT).abs().diagonal(dim1=-2, dim2=-1), torch.ones(3, 5), atol=1e-4)
