@@ -384,7 +384,7 @@ def merge(spec: MergeSpec | dict, progress: Callable[[ProgressEvent], Any] | Non
             pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merge",
                                                          initializer=torch.set_num_threads, initargs=(1,)) if workers > 1 else None
             job_bytes = {item.key: _job_bytes(item, len(experts), dtype) for item in merged_items}
-            in_flight_budget = (workers + 1) * max(job_bytes.values(), default=0)
+            in_flight_budget = workers * max(job_bytes.values(), default=0)
             pending: list[tuple[int, PlanItem, concurrent.futures.Future]] = []
             prev_threads = torch.get_num_threads()
             if pool is not None:
