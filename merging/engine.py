@@ -187,6 +187,32 @@ def default_workers() -> int:
     return max(1, min(8, cores))
 
 
+def memory_bytes() -> int | None:
+    """Memory this process may use: the cgroup limit when there is one (containers), else physical RAM."""
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit.isdigit():
+            return int(limit)
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def default_worker_count(method_cap: int | None, largest_job: int) -> int:
+    """options.workers when the spec does not say: one per core, within the method's cap, and few
+    enough that the jobs in flight (with float64 working copies, ~3× their inputs) stay within a
+    quarter of the memory: a 7B model's 0.5 GB embedding × 9 checkpoints is a 4.7 GB job."""
+    workers = min(default_workers(), method_cap or 64)
+    memory = memory_bytes()
+    if memory and largest_job > 0:
+        workers = min(workers, max(1, memory // 4 // (3 * largest_job)))
+    return workers
+
+
 def _job_bytes(item: PlanItem, n_experts: int, dtype: torch.dtype) -> int:
     """Memory one merge job holds: the base and every task vector of one tensor."""
     return (n_experts + 1) * math.prod(item.shape) * dtype.itemsize
@@ -376,15 +402,16 @@ def merge(spec: MergeSpec | dict, progress: Callable[[ProgressEvent], Any] | Non
             # several tensors at once, each single-threaded. What may be in flight is bounded in
             # bytes (`workers` times the largest job), not in jobs: a count would let a bias queued
             # behind a large matrix idle a worker, and the count of large matrices is what bounds memory.
-            workers = spec.options.workers or min(default_workers(), method.default_max_workers or 64)
+            job_bytes = {item.key: _job_bytes(item, len(experts), dtype) for item in merged_items}
+            largest_job = max(job_bytes.values(), default=0)
+            workers = spec.options.workers or default_worker_count(method.default_max_workers, largest_job)
             if device.type != "cpu":
                 workers = 1  # one stream of kernels; the GPU parallelises within a tensor
             # OpenMP's thread count is per OS thread: a pool thread that does not set its own runs
             # every op on all cores (2 workers × 2 OpenMP threads on 2 cores: 1.4× slower, measured).
             pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merge",
                                                          initializer=torch.set_num_threads, initargs=(1,)) if workers > 1 else None
-            job_bytes = {item.key: _job_bytes(item, len(experts), dtype) for item in merged_items}
-            in_flight_budget = workers * max(job_bytes.values(), default=0)
+            in_flight_budget = workers * largest_job
             pending: list[tuple[int, PlanItem, concurrent.futures.Future]] = []
             prev_threads = torch.get_num_threads()
             if pool is not None:

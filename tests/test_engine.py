@@ -270,3 +270,15 @@ def test_workers_do_not_change_the_result(tmp_path):
     for other in outs[1:]:
         assert other.keys() == outs[0].keys()
         assert all(torch.equal(other[k], outs[0][k]) for k in outs[0])
+
+
+def test_default_workers_shrink_when_the_jobs_would_not_fit_in_memory(monkeypatch):
+    from merging import engine
+    monkeypatch.setattr(engine, "default_workers", lambda: 8)
+    monkeypatch.setattr(engine, "memory_bytes", lambda: 64 << 30)
+    assert engine.default_worker_count(None, 85 << 20) == 8  # ViT-B/16 fc job: many fit
+    assert engine.default_worker_count(None, int(4.7 * (1 << 30))) == 1  # a 7B model's embedding × 9
+    assert engine.default_worker_count(None, 1 << 30) == 5  # 16 GB / 3 GB
+    assert engine.default_worker_count(1, 85 << 20) == 1  # the method's cap (esm)
+    monkeypatch.setattr(engine, "memory_bytes", lambda: None)
+    assert engine.default_worker_count(None, 1 << 40) == 8  # unknown memory: cores only
