@@ -28,28 +28,34 @@ _lock = threading.Lock()
 
 def _load():
     global _lib, _loaded
+    if _loaded:  # the hot path: every Gram and eigensolver call asks, from every merge worker
+        return _lib
     with _lock:
-        if _loaded:
-            return _lib
-        _loaded = True
-        if os.environ.get("SUBMERGE_NO_OPENBLAS"):  # escape hatch, and how the tests run the torch-only path
-            return None
-        try:
-            import scipy_openblas32 as pkg
-            lib = ctypes.CDLL(os.path.join(pkg.get_lib_dir(), pkg.get_library(fullname=True)))
-            syrk, syevr = lib.scipy_cblas_dsyrk, lib.scipy_LAPACKE_dsyevr
-            lib.scipy_openblas_set_num_threads(ctypes.c_int(1))
-        except (ImportError, OSError, AttributeError, IndexError):
-            return None
-        dp, i32, c = ctypes.c_void_p, ctypes.c_int32, ctypes.c_char
-        syrk.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, i32, i32, ctypes.c_double, dp, i32,
-                         ctypes.c_double, dp, i32]
-        syrk.restype = None
-        syevr.argtypes = [ctypes.c_int, c, c, c, i32, dp, i32, ctypes.c_double, ctypes.c_double, i32, i32,
-                          ctypes.c_double, ctypes.POINTER(i32), dp, dp, i32, dp]
-        syevr.restype = i32
-        _lib = lib
-        return lib
+        if not _loaded:
+            _lib = _open()
+            _loaded = True  # set after _lib, so the unlocked check above never sees a half-done load
+        return _lib
+
+
+def _open():
+    """The library with its two routines typed, or None (escape hatch set, wheel missing, symbols differ)."""
+    if os.environ.get("SUBMERGE_NO_OPENBLAS"):  # escape hatch, and how the tests run the torch-only path
+        return None
+    try:
+        import scipy_openblas32 as pkg
+        lib = ctypes.CDLL(os.path.join(pkg.get_lib_dir(), pkg.get_library(fullname=True)))
+        syrk, syevr = lib.scipy_cblas_dsyrk, lib.scipy_LAPACKE_dsyevr
+        lib.scipy_openblas_set_num_threads(ctypes.c_int(1))
+    except (ImportError, OSError, AttributeError, IndexError):
+        return None
+    dp, i32, c = ctypes.c_void_p, ctypes.c_int32, ctypes.c_char
+    syrk.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, i32, i32, ctypes.c_double, dp, i32,
+                     ctypes.c_double, dp, i32]
+    syrk.restype = None
+    syevr.argtypes = [ctypes.c_int, c, c, c, i32, dp, i32, ctypes.c_double, ctypes.c_double, i32, i32,
+                      ctypes.c_double, ctypes.POINTER(i32), dp, dp, i32, dp]
+    syevr.restype = i32
+    return lib
 
 
 def available(t: torch.Tensor) -> bool:
