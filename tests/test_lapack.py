@@ -18,10 +18,14 @@ needs_lib = pytest.mark.skipif(not lapack.available(torch.zeros(1, dtype=torch.f
                                reason="scipy-openblas32 is a project dependency; installed by make install")
 
 
-@pytest.fixture()
-def torch_only(monkeypatch):
+def _without_library(monkeypatch):
     monkeypatch.setattr(lapack, "_lib", None)
     monkeypatch.setattr(lapack, "_loaded", True)
+
+
+@pytest.fixture()
+def torch_only(monkeypatch):
+    _without_library(monkeypatch)
 
 
 @needs_lib
@@ -109,8 +113,7 @@ def test_methods_agree_with_and_without_the_library(monkeypatch):
     torch.manual_seed(0)
     taus = torch.randn(4, 96, 64) * 1e-3
     with_lib = (tsv_merge_matrix(taus), iso_cts_matrix(taus, 0.8))
-    monkeypatch.setattr(lapack, "_lib", None)
-    monkeypatch.setattr(lapack, "_loaded", True)
+    _without_library(monkeypatch)
     assert not lapack.available(taus.double())
     without = (tsv_merge_matrix(taus), iso_cts_matrix(taus, 0.8))
     for x, y in zip(with_lib, without):
@@ -147,8 +150,7 @@ def test_submerge_no_openblas_turns_the_library_off():
 @pytest.mark.parametrize("library", [True, False])
 def test_top_eigh_reads_only_the_triangle_asked_for(library, monkeypatch):
     if not library:
-        monkeypatch.setattr(lapack, "_lib", None)
-        monkeypatch.setattr(lapack, "_loaded", True)
+        _without_library(monkeypatch)
     elif not lapack.available(torch.zeros(1, dtype=torch.float64)):
         pytest.skip("scipy-openblas32 not installed")
     a = torch.randn(40, 12, dtype=torch.float64)
