@@ -17,7 +17,7 @@ from typing import Any, Sequence
 from evaluation.errors import DataError
 from merging.errors import MergeError
 from merging.io.sources import IOConfig, Location
-from merging.io.writer import sha256_file
+from merging.io.hashing import sha256_file
 
 FORMATS = ("jsonl", "json", "csv", "parquet")
 _SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
@@ -272,7 +272,7 @@ def data_sha256(uri: str, io: IOConfig | None = None) -> str:
     """SHA-256 of the data file's bytes (as stored: a ``.gz`` file is hashed compressed)."""
     path = _local(uri, io)
     try:
-        return sha256_file(path)  # remembered per file version: the pipeline asks once per task and split
+        return sha256_file(path, io.cache_dir if io else None)  # remembered per file version: asked once per task and split
     except OSError as e:
         raise DataError(f"{uri}: cannot read ({e.strerror})") from None
 

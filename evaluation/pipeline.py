@@ -32,7 +32,7 @@ from merging.engine import MergeResult, ProgressEvent, TaskVector
 from merging.errors import CancelledError
 from merging.io.checkpoint import open_checkpoint
 from merging.io.sources import IOConfig, default_cache_dir, redact_uri
-from merging.io.writer import sha256_file
+from merging.io.hashing import sha256_file
 from merging.registry import get_method
 from merging.spec import MergeSpec, TaskSpec, load_spec
 
@@ -71,7 +71,7 @@ def checkpoint_sha256(uri: str, cfg: IOConfig, revision: str | None = None, labe
     try:
         h = hashlib.sha256()
         for name, loc in sorted(ck.data_files().items()):
-            h.update(name.encode() + b"\0" + sha256_file(loc.local_path()).encode() + b"\n")
+            h.update(name.encode() + b"\0" + sha256_file(loc.local_path(), cfg.cache_dir).encode() + b"\n")
         return h.hexdigest()
     finally:
         ck.close()

@@ -14,6 +14,7 @@ import torch
 from merging.errors import CalibrationError, CorruptCheckpointError
 from merging.io.safetensors_format import TensorMeta, header_length, parse_header, read_tensor
 from merging.io.sources import IOConfig, Location
+from merging.linalg import all_finite
 
 
 @dataclass
@@ -41,7 +42,9 @@ class CalibrationFile:
     def stats(self, key: str, d_in: int) -> tuple[torch.Tensor, int]:
         """(XᵀX as float64 (d_in, d_in), token count N) for weight ``key``."""
         if f"{key}:gram" in self.metas:
-            gram = self._read(f"{key}:gram").to(torch.float64)
+            gram = self._read(f"{key}:gram")
+            finite = all_finite(gram)
+            gram = gram.to(torch.float64)
             if f"{key}:count" not in self.metas:
                 raise CalibrationError(f"{self.label} calibration {self.uri}: '{key}:gram' has no '{key}:count' (the token count)")
             count_t = self._read(f"{key}:count")
@@ -54,11 +57,12 @@ class CalibrationFile:
             x = self._read(key)
             if x.ndim != 2 or x.shape[1] != d_in:
                 raise CalibrationError(f"{self.label} calibration: inputs for {key!r} have shape {list(x.shape)}, expected [tokens, {d_in}]")
+            finite = all_finite(x)  # then XᵀX is finite too: float64 cannot overflow on float32 inputs
             x = x.to(torch.float64)
             gram, count = x.mT @ x, x.shape[0]
         if count < 2:
             raise CalibrationError(f"{self.label} calibration: {key!r} needs at least 2 tokens, got {count}")
-        if not bool(torch.isfinite(gram).all()):
+        if not finite:
             raise CalibrationError(f"{self.label} calibration: {key!r} holds NaN/Inf")
         return gram, count
 

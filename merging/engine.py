@@ -21,8 +21,10 @@ import torch
 from merging import __version__
 from merging.errors import CancelledError, IncompatibleCheckpointsError, MergeError, NonFiniteInputError, OutputError, SpecError
 from merging.io.checkpoint import Checkpoint, open_checkpoint
+from merging.io.hashing import sha256_file
 from merging.io.sources import IOConfig, redact_uri
-from merging.io.writer import Publisher, ShardedWriter, sha256_file
+from merging.io.writer import Publisher, ShardedWriter
+from merging.linalg import all_finite
 from merging.methods.base import MergeContext, MergeMethod, TensorJob
 from merging.registry import get_method
 from merging.roles import NON_MATRIX_2D_ROLES, Role, RoleInfo, resolve_role
@@ -349,7 +351,7 @@ def merge(spec: MergeSpec | dict, progress: Callable[[ProgressEvent], Any] | Non
         timings["inspect"] = time.perf_counter() - t0
         emit("inspect", 1, 1)
 
-        input_hashes = {ck.label: {name: hasher.submit(lambda loc=loc: sha256_file(loc.local_path())) for name, loc in ck.data_files().items()}
+        input_hashes = {ck.label: {name: hasher.submit(lambda loc=loc: sha256_file(loc.local_path(), cfg.cache_dir)) for name, loc in ck.data_files().items()}
                         for ck in [base, *experts]}
 
         writer = ShardedWriter(publisher.staging, [(p.key, p.out_dtype, p.shape) for p in plan], spec.output.shard_size)
@@ -372,7 +374,7 @@ def merge(spec: MergeSpec | dict, progress: Callable[[ProgressEvent], Any] | Non
 
             def compute(item: PlanItem, base_t: torch.Tensor, job: TensorJob):
                 merged = method.merge(job)
-                if not bool(torch.isfinite(merged).all()):
+                if not all_finite(merged):
                     raise MergeError(f"method {spec.method!r} produced NaN/Inf for tensor {item.key!r}", code="numerical_failure")
                 if collector is not None:
                     collector.observe(job, merged)
@@ -500,7 +502,7 @@ def merge(spec: MergeSpec | dict, progress: Callable[[ProgressEvent], Any] | Non
             with open(os.path.join(publisher.staging, name), "wb") as f:
                 f.write(loc.read_all())
             names.append(name)
-        files = {n: {"sha256": sha256_file(os.path.join(publisher.staging, n)), "size": os.path.getsize(os.path.join(publisher.staging, n))} for n in names}
+        files = {n: {"sha256": sha256_file(os.path.join(publisher.staging, n), persist=False), "size": os.path.getsize(os.path.join(publisher.staging, n))} for n in names}
         inputs = []
         for ck, ref in zip([base, *experts], [spec.base, *spec.experts]):
             inputs.append({"name": ck.label, "uri": redact_uri(ref.uri), "revision": ref.revision, "format": ck.format,
@@ -522,7 +524,7 @@ def merge(spec: MergeSpec | dict, progress: Callable[[ProgressEvent], Any] | Non
         }
         with open(os.path.join(publisher.staging, "README.md"), "w") as f:
             f.write(model_card(manifest))
-        files["README.md"] = {"sha256": sha256_file(os.path.join(publisher.staging, "README.md")),
+        files["README.md"] = {"sha256": sha256_file(os.path.join(publisher.staging, "README.md"), persist=False),
                               "size": os.path.getsize(os.path.join(publisher.staging, "README.md"))}
         timings["finalize"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0

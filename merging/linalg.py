@@ -11,21 +11,35 @@ No randomised approximations. Two precision regimes, chosen by the dtype of the 
   accurate than it: the float64 Gram keeps the precision that squaring would cost in float32
   (a float32 Gram loses the noise-bulk singular vectors: 7e-2 error on the golden TSV-M case).
 
-``eigh`` (LAPACK syevd) also does not suffer from gesdd's convergence failures on clustered
-singular values (the FusionBench Iso-CTS crash), and ``svd`` falls back to it when gesdd fails.
+The symmetric eigensolvers (syevd, syevr) also do not suffer from gesdd's convergence failures
+on clustered singular values (the FusionBench Iso-CTS crash), and ``svd`` falls back to them
+when gesdd fails; an eigensolver failure in turn falls back to the SVD.
 
 Two routines that torch does not expose come from ``merging.lapack`` (OpenBLAS through ctypes)
 when its library is installed; the results are the same to rounding without it: syrk for Gram
-matrices (``gram``: one triangle of xᵀx, half the flops of a matmul) and syevr (MRRR) for the
-top-k eigenpairs (``top_eigh``: only the k eigenvectors asked for, 2–4× faster than syevd at
-n = 768 for TSV-M's k = n/T and Iso-CTS's k ≈ n/(5T)). Both are backward-stable like the
-torch routines they replace.
+matrices (``gram``: one triangle of xᵀx, half the flops of a matmul) and syevr (MRRR) for
+eigenpairs (``top_eigh``): only the k eigenvectors asked for, 2–4× faster than syevd at n = 768
+for TSV-M's k = n/T and Iso-CTS's k ≈ n/(5T); and all of them for the polar factors, 10–20 %
+faster than torch's syevd single-threaded (0.10 vs 0.12 s at n = 768, 6.9 vs 8.6 s at 3072 on
+an AMD EPYC) with O(n) instead of 2n² workspace (150 MB at n = 3072). Both are backward-stable
+like the torch routines they replace.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 from merging import lapack
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry of ``t`` is finite, by one float64 sum instead of a mask the size of
+    ``t``: a sum of float32/16 values cannot overflow float64 (3.4e38 × 10¹² ≪ 1.8e308), so it is
+    finite exactly when every entry is (±Inf and NaN propagate). Other dtypes use the mask."""
+    if t.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return math.isfinite(float(t.sum(dtype=torch.float64)))
+    return bool(torch.isfinite(t).all())
 
 
 def svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -84,7 +98,7 @@ def top_eigh(a: torch.Tensor, k: int, upper: bool = False) -> tuple[torch.Tensor
     ascending order like ``torch.linalg.eigh``: ``(evals (..., k), evecs (..., n, k))``. Reads the
     lower triangle of ``a``, or the upper one with ``upper``."""
     n = a.shape[-1]
-    if 0 < k < n and lapack.available(a):
+    if 0 < k <= n and lapack.available(a):
         flat = [lapack.syevr_top(a_i, k, upper) for a_i in a.reshape(-1, n, n)]
         return (torch.stack([e for e, _ in flat]).reshape(*a.shape[:-2], k),
                 torch.stack([v for _, v in flat]).reshape(*a.shape[:-2], n, k))
@@ -139,14 +153,17 @@ def _polar_gram(x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, 
     ``xᵀx``: polar(x) = x (xᵀx)^{-1/2}. Results in float64."""
     x = x.to(torch.float64)
     g, upper = _gram_triangle(x)
-    evals, w = torch.linalg.eigh(g, UPLO="U" if upper else "L")
+    try:
+        evals, w = top_eigh(g, g.shape[-1], upper)  # all of them: syevr (MRRR) needs no n² workspace
+    except RuntimeError:  # LAPACK non-convergence: the SVD below is exact for any input
+        evals = w = None
     del g
-    sv2 = evals.clamp_min(0)
-    smax = sv2.max().sqrt() if sv2.numel() else torch.tensor(0.0, dtype=x.dtype)
+    sv2 = evals.clamp_min(0) if evals is not None else None
+    smax = sv2.max().sqrt() if sv2 is not None and sv2.numel() else torch.tensor(0.0, dtype=x.dtype)
     # Condition guard: eigh of the Gram matrix squares the condition number. When the smallest
     # singular value is tiny relative to the largest, the inverse square root is inaccurate,
     # so use the SVD there (it is exact for any rank, with sign/rotation freedom only in the null space).
-    if sv2.numel() == 0 or smax == 0 or sv2.min().sqrt() < 1e-6 * smax:
+    if sv2 is None or sv2.numel() == 0 or smax == 0 or sv2.min().sqrt() < 1e-6 * smax:
         u, s, vh = svd(x)
         p = u @ vh
         return (p if y is None else p @ y.to(torch.float64)), s

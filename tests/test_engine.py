@@ -202,29 +202,6 @@ def test_integer_buffers_are_copied_with_role_other(tmp_path):
     assert next(r for r in res.manifest["tensors"] if r["key"] == "fc.weight")["role"] == "matrix"
 
 
-def test_sha256_file_reads_a_file_once_per_version(tmp_path, monkeypatch):
-    import builtins
-    import hashlib
-
-    from merging.io import writer
-    p = tmp_path / "w.bin"
-    p.write_bytes(b"x" * 1000)
-    reads = []
-    real_open = builtins.open
-
-    def counting_open(path, *a, **kw):
-        reads.append(str(path))
-        return real_open(path, *a, **kw)
-    monkeypatch.setattr(writer, "open", counting_open, raising=False)
-    first = writer.sha256_file(str(p))
-    assert first == hashlib.sha256(b"x" * 1000).hexdigest()
-    assert writer.sha256_file(str(p)) == first and len(reads) == 1  # the second ask is remembered
-    st = p.stat()
-    p.write_bytes(b"y" * 1000)  # same size: the new mtime makes it a new version
-    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
-    assert writer.sha256_file(str(p)) == hashlib.sha256(b"y" * 1000).hexdigest() and len(reads) == 2
-
-
 def _matrix_ckpts(root, keys, n_experts=2):
     torch.manual_seed(1)
     base = {k: torch.randn(*shape) for k, shape in keys.items()}

@@ -39,12 +39,14 @@ def test_syrk_gram_is_the_full_symmetric_gram(shape):
 
 
 @needs_lib
-@pytest.mark.parametrize("k", [1, 5, 39])
-def test_syevr_top_k_matches_eigh(k):
+@pytest.mark.parametrize("k", [1, 5, 39, 40])  # 40: all of them (the polar factors' eigensolver)
+def test_syevr_top_k_matches_eigh(k, monkeypatch):
+    monkeypatch.setattr(torch.linalg, "eigh", None)  # the library answers, not torch
     a = torch.randn(60, 40, dtype=torch.float64)
     g = a.mT @ a
     before = g.clone()
     evals, vecs = linalg.top_eigh(g, k)
+    monkeypatch.undo()
     full_e, full_v = torch.linalg.eigh(g)
     assert torch.equal(g, before)  # the input is not overwritten
     assert torch.allclose(evals, full_e[-k:], rtol=1e-12)
@@ -136,6 +138,17 @@ def test_syevr_failure_falls_back_to_the_svd(monkeypatch):
     a = torch.randn(30, 12)
     u, s, vh = linalg.top_singular(a, 3)
     assert torch.allclose(s, torch.linalg.svdvals(a)[:3], rtol=1e-5)
+
+
+def test_polar_survives_an_eigensolver_failure(monkeypatch):
+    """The polar factors' eigensolver failing is not an error either: the SVD is used."""
+    def broken(a, k, upper=False):
+        raise lapack.EigenError("LAPACK dsyevr failed (info=1, 0 of 12 eigenpairs)")
+    a = torch.randn(30, 12)
+    want = linalg.polar(a.double())
+    monkeypatch.setattr(linalg, "top_eigh", broken)
+    assert torch.allclose(linalg.polar(a).double(), want, atol=1e-5)
+    assert torch.allclose(linalg.polar_times(a, torch.eye(12))[0].double(), want, atol=1e-5)
 
 
 def test_submerge_no_openblas_turns_the_library_off():

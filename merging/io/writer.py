@@ -11,14 +11,12 @@ byte-identical files.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import posixpath
 import re
 import shutil
-import threading
 import uuid
 
 import torch
@@ -103,33 +101,6 @@ class ShardedWriter:
         for f in self._files:
             if not f.closed:
                 f.close()
-
-
-_SHA_MEMO: dict[tuple, str] = {}
-_SHA_LOCK = threading.Lock()
-
-
-def sha256_file(path: str) -> str:
-    """SHA-256 of a file's bytes, remembered per (path, inode, size, mtime) for this process.
-
-    One job hashes the same inputs several times (the evaluation caches' keys, then merge.json's
-    input hashes), and a checkpoint is gigabytes: the second request is answered from memory. A
-    file that is rewritten gets a new mtime (or inode), hence a new entry.
-    """
-    st = os.stat(path)
-    key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
-    with _SHA_LOCK:
-        hit = _SHA_MEMO.get(key)
-    if hit is not None:
-        return hit
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    digest = h.hexdigest()
-    with _SHA_LOCK:
-        _SHA_MEMO[key] = digest
-    return digest
 
 
 class Publisher:
