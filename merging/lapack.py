@@ -82,17 +82,27 @@ class EigenError(RuntimeError):
 def syevr_top(a: torch.Tensor, k: int, upper: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` largest eigenpairs of a symmetric float64 CPU ``a`` (n × n), ascending:
     ``(evals (k,), evecs (n, k))``. Reads the lower triangle of ``a`` (the upper one with
-    ``upper``, like ``torch.linalg.eigh``'s UPLO) and does not modify ``a``."""
+    ``upper``, like ``torch.linalg.eigh``'s UPLO) and does not modify ``a``.
+
+    dsyevr runs MRRR (dstemr) only for the whole spectrum; an index subset goes through bisection
+    and inverse iteration (dstebz + dstein), whose cost grows with k and with clusters: at n = 768
+    on the synthetic benchmark's Gram matrices, the top 96 take 0.06 s, the top 616 0.37 s and all
+    768 0.12 s (0.10 s for all against 0.12 s for the top 255). Above n/4 the whole spectrum is
+    computed and its top k returned.
+    """
     n = a.shape[0]
+    solve = n if 4 * k > n else k
     work = a.contiguous().clone()  # destroyed by LAPACK
     w = torch.empty(n, dtype=torch.float64)
-    z = torch.empty((k, n), dtype=torch.float64)  # column-major n × k: row i is eigenvector i
-    isuppz = torch.empty(2 * max(1, k), dtype=torch.int32)
+    z = torch.empty((solve, n), dtype=torch.float64)  # column-major n × solve: row i is eigenvector i
+    isuppz = torch.empty(2 * max(1, solve), dtype=torch.int32)
     found = ctypes.c_int32(0)
     # LAPACK sees the C-contiguous matrix transposed (column-major): its upper triangle is our lower one.
     info = _lib.scipy_LAPACKE_dsyevr(_COL_MAJOR, b"V", b"I", b"L" if upper else b"U", n, work.data_ptr(), n, 0.0, 0.0,
-                                     n - k + 1, n, 0.0, ctypes.byref(found), w.data_ptr(), z.data_ptr(), n,
+                                     n - solve + 1, n, 0.0, ctypes.byref(found), w.data_ptr(), z.data_ptr(), n,
                                      isuppz.data_ptr())
-    if info != 0 or found.value != k:
-        raise EigenError(f"LAPACK dsyevr failed (info={info}, {found.value} of {k} eigenpairs)")
-    return w[:k].clone(), z.mT
+    if info != 0 or found.value != solve:
+        raise EigenError(f"LAPACK dsyevr failed (info={info}, {found.value} of {solve} eigenpairs)")
+    if solve == k:
+        return w[:k].clone(), z.mT
+    return w[solve - k:solve].clone(), z[solve - k:].mT

@@ -184,12 +184,13 @@ def _one_at_a_time(a: torch.Tensor) -> bool:
 def top_singular(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``k`` singular triplets ``(U_k, S_k, Vh_k)`` of ``a`` (batched over leading dims).
 
-    float64 input or k > r/2: truncated LAPACK SVD. Otherwise the eigendecomposition of the
-    small Gram matrix, with the other factor recovered as ``a v / σ``.
+    float64 input: truncated LAPACK SVD. Otherwise the float64 eigendecomposition of the small
+    Gram matrix, with the other factor recovered as ``a v / σ``, for any k: a float64 Gram
+    resolves singular values down to ~1e-7 of the largest, well past float32's SVD (Iso-CTS's
+    common space, k = 0.8 r: 0.2 s against 0.5 s for gesdd at 3072 × 768).
     """
     m, n = a.shape[-2], a.shape[-1]
-    r = min(m, n)
-    if a.dtype == torch.float64 or 2 * k > r or k == 0:
+    if a.dtype == torch.float64 or k == 0:
         u, s, vh = svd(a)
         return u[..., :k], s[..., :k], vh[..., :k, :]
     if _one_at_a_time(a):

@@ -12,7 +12,7 @@ import torch
 from pydantic import Field
 
 from merging.alpha import ISO_GRID
-from merging.linalg import polar, polar_times, polar_with_singular_values, svd, top_singular
+from merging.linalg import polar, polar_times, polar_with_singular_values, top_singular
 from merging.methods.base import MatrixMethod, TensorJob
 from merging.methods.iso_c import IsoParams
 from merging.registry import register
@@ -40,8 +40,7 @@ def iso_cts_matrix(taus: torch.Tensor, fraction: float) -> torch.Tensor:
     if s == 0:  # exactly Iso-C
         p, sv = polar_with_singular_values(total)
         return sv.mean() * p
-    u, sv, vh = svd(total)
-    u_c, s_c, v_c = u[:, :k], sv[:k], vh[:k]
+    u_c, s_c, v_c = top_singular(total, k)
     residual = taus - u_c @ (u_c.mT @ taus)  # batched projection on the output side
     ur, sr, vhr = top_singular(residual, s)
     u_cat = torch.cat([ur.permute(1, 0, 2).reshape(m, n_tasks * s), u_c], dim=1)
