@@ -56,6 +56,47 @@ def test_syevr_top_k_matches_eigh(k, monkeypatch):
 
 
 @needs_lib
+@pytest.mark.parametrize("batch", [(), (3,)])
+def test_syevd_is_torch_eigh(batch, monkeypatch):
+    a = torch.randn(*batch, 50, 30, dtype=torch.float64)
+    g = a.mT @ a
+    before = g.clone()
+    monkeypatch.setattr(torch.linalg, "eigh", None)  # the library answers, not torch
+    evals, vecs = linalg.eigh(g)
+    monkeypatch.undo()
+    full_e, full_v = torch.linalg.eigh(g)
+    assert torch.equal(g, before) and evals.shape == full_e.shape and vecs.shape == full_v.shape
+    assert torch.allclose(evals, full_e, rtol=1e-12)
+    eye = torch.eye(30, dtype=torch.float64).expand(*batch, 30, 30)
+    assert torch.allclose((vecs.mT @ full_v).abs(), eye, atol=1e-9)  # same vectors up to sign
+
+
+@needs_lib
+def test_the_library_uses_the_calling_threads_torch_thread_count():
+    """One thread inside the engine's worker pool; all of torch's when the main thread merges alone."""
+    import ctypes
+    import threading
+    counts = {}
+    g = torch.eye(8, dtype=torch.float64)
+
+    def call(name, n):
+        torch.set_num_threads(n)
+        lapack.syevd(g)
+        counts[name] = lapack._lib.scipy_openblas_get_num_threads()
+    before = torch.get_num_threads()
+    try:
+        for name, n in [("pool", 1), ("main", 2), ("pool again", 1)]:
+            t = threading.Thread(target=call, args=(name, n))
+            t.start()
+            t.join()
+    finally:
+        torch.set_num_threads(before)
+        lapack._lib.scipy_openblas_set_num_threads(ctypes.c_int(1))
+        lapack._threads = 1
+    assert counts == {"pool": 1, "main": 2, "pool again": 1}
+
+
+@needs_lib
 def test_syevr_top_is_batched_like_eigh():
     a = torch.randn(3, 50, 20, dtype=torch.float64)
     evals, vecs = linalg.top_eigh(a.mT @ a, 4)
@@ -142,11 +183,11 @@ def test_syevr_failure_falls_back_to_the_svd(monkeypatch):
 
 def test_polar_survives_an_eigensolver_failure(monkeypatch):
     """The polar factors' eigensolver failing is not an error either: the SVD is used."""
-    def broken(a, k, upper=False):
-        raise lapack.EigenError("LAPACK dsyevr failed (info=1, 0 of 12 eigenpairs)")
+    def broken(a, upper=False):
+        raise lapack.EigenError("LAPACK dsyevd failed (info=1)")
     a = torch.randn(30, 12)
     want = linalg.polar(a.double())
-    monkeypatch.setattr(linalg, "top_eigh", broken)
+    monkeypatch.setattr(linalg, "eigh", broken)
     assert torch.allclose(linalg.polar(a).double(), want, atol=1e-5)
     assert torch.allclose(linalg.polar_times(a, torch.eye(12))[0].double(), want, atol=1e-5)
 
@@ -173,6 +214,8 @@ def test_top_eigh_reads_only_the_triangle_asked_for(library, monkeypatch):
     lower_only = g.tril() + torch.full_like(g, float("nan")).triu(1)
     assert torch.allclose(linalg.top_eigh(upper_only, 4, upper=True)[0], ref[-4:], rtol=1e-12)
     assert torch.allclose(linalg.top_eigh(lower_only, 4)[0], ref[-4:], rtol=1e-12)
+    assert torch.allclose(linalg.eigh(upper_only, upper=True)[0], ref, rtol=1e-12)
+    assert torch.allclose(linalg.eigh(lower_only)[0], ref, rtol=1e-12)
     # and the Gram triangle the polar factor and top_singular feed to the eigensolvers
     g_tri, upper = linalg._gram_triangle(a)
     assert upper == library
