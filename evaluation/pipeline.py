@@ -6,6 +6,8 @@ Phases, each reported through the same progress callback as the merge itself (``
 * ``calibration``: for each expert whose ``calibration`` gives ``data``, run its fine-tuned model on
   the samples and capture every linear layer's input Gram matrix (cached by checkpoint sha256,
   data sha256, samples and max_length);
+* ``lambda search``: consensus with ``"lambda": "auto"``: each expert's TALL-mask λ, chosen on its
+  task's validation split before the merge (``Pipeline.choose_tall_lambdas``);
 * the engine's phases (``inspect``, ``prepass``, ``merge``, ``alpha search``, ``rescale``,
   ``diagnostics``, ``finalize``, ``publish``);
 * ``evaluation``: score the merged model (read back from where it was published, so the numbers
@@ -103,6 +105,10 @@ class _Cache:
         os.replace(tmp, p)
 
 
+# The official TALL-mask λ grid (tall_masks: construct_tall_mask); ALGORITHMS.md §5.
+TALL_LAMBDAS = (0.2, 0.3, 0.4, 0.5, 0.6)
+
+
 def _digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -127,6 +133,7 @@ class Pipeline:
         self.curve: list[AlphaScore] = []
         self.chosen: AlphaScore | None = None
         self.expert_val: dict[str, float] = {}
+        self.tall: dict[str, Any] | None = None  # the consensus λ search, when params.lambda is "auto"
 
     # -- helpers ------------------------------------------------------------------------------
     def model_dir(self, uri: str, revision: str | None = None) -> str:
@@ -272,6 +279,57 @@ class Pipeline:
             return self._score(self.load(e.uri, e.revision), task, split)
         return self._cached_score(f"expert {task.spec.expert!r}", e.uri, e.revision, task, split, build)
 
+    # -- phase 1b: the consensus λ search (the TALL-mask step) --------------------------------------
+    def choose_tall_lambdas(self) -> list[float]:
+        """Consensus ``"lambda": "auto"``, the official TALL-mask step (ALGORITHMS.md §5; the
+        ``tall_mask`` method of the TALL-masks code): for each expert t and each λ in
+        ``TALL_LAMBDAS``, the model θ0 + m_t(λ) ⊙ Σ_s τ_s, with m_t(λ) = |τ_t| > λ·|Σ_s τ_s − τ_t|,
+        is scored on the validation split of t's task(s); t keeps the λ that scores best, the
+        smallest on ties (the official code takes the first maximum over λ in ascending order).
+        Holds the base, the sum and one expert's task vector, as the α search holds the base and
+        the merged task vector: evaluation needs the whole model anyway."""
+        keys = [p.key for p in engine.preflight(self.spec, self.cfg).plan if p.action == "merge"]
+        dtype = getattr(torch, self.spec.options.compute_dtype)
+        full = dict(self.base_model_state())  # copied keys (passthrough, buffers) stay the base's
+        base = {k: full[k].to(dtype) for k in keys}
+        names = self.spec.expert_names()
+
+        def task_vector(name: str) -> dict[str, torch.Tensor]:
+            e = self.expert_ref(name)
+            ck = open_checkpoint(e.uri, f"expert {name!r}", self.cfg, e.revision)
+            try:
+                return {k: ck.read(k).to(dtype) - base[k] for k in keys}
+            finally:
+                ck.close()
+
+        steps = len(names) * (1 + len(TALL_LAMBDAS))
+        total = {k: torch.zeros_like(v) for k, v in base.items()}
+        for i, name in enumerate(names):
+            self.emit("lambda search", i, steps, message=f"summing task vectors: expert {name!r}")
+            for k, tau in task_vector(name).items():
+                total[k] += tau
+        done = len(names)
+        chosen, curves = {}, {}
+        for name in names:
+            tau = task_vector(name)
+            others = {k: (total[k] - tau[k]).abs() for k in keys}  # |Σ_s τ_s − τ_t|
+            tasks = [t for t in self.tasks if t.spec.expert == name]
+            curve = {}
+            for lam in TALL_LAMBDAS:
+                self.emit("lambda search", done, steps, message=f"expert {name!r}: λ = {lam}")
+                state = {**full, **{k: base[k] + torch.where(tau[k].abs() > lam * others[k], total[k], 0.0)
+                                    for k in keys}}
+                curve[lam] = sum(self._score(self._task_model(t, state), t, "validation") for t in tasks) / len(tasks)
+                done += 1
+            chosen[name] = max(curve, key=curve.get)  # first maximum in ascending λ
+            curves[name] = curve
+            del tau, others
+        self.emit("lambda search", steps, steps)
+        self.tall = {"grid": list(TALL_LAMBDAS), "chosen_lambda": chosen,
+                     "validation_accuracy": {n: [{"lambda": lam, "accuracy": a} for lam, a in c.items()]
+                                             for n, c in curves.items()}}
+        return [chosen[n] for n in names]
+
     # -- phase 2: α search -------------------------------------------------------------------------
     def choose_alpha(self, tv: TaskVector) -> float:
         search = get_method(self.spec.method).alpha_search
@@ -337,6 +395,8 @@ class Pipeline:
             "definitions": {"normalized": "merged / expert accuracy", "nai": "(merged − base) / (expert − base)",
                             "base": "the base model (zero-shot) on the task", "expert_accuracy": "the task's expert on its own task"},
         }
+        if self.tall is not None:
+            out["lambda_search"] = self.tall
         if self.curve:
             out["alpha_search"] = {
                 "search": self.search_kind, "chosen_alpha": self.chosen.alpha,
@@ -372,6 +432,10 @@ def run_pipeline(spec: MergeSpec | dict, progress: Callable[[ProgressEvent], Any
     calibration_files, calibration = p.capture_calibration()
     if calibration:
         timings["calibration"] = time.perf_counter() - t
+    if spec.searched_params:  # consensus "lambda": "auto": chosen per expert before the merge, which sees the list
+        t = time.perf_counter()
+        spec = p.spec = spec.model_copy(update={"params": {**spec.params, "lambda": p.choose_tall_lambdas()}})
+        timings["lambda_search"] = time.perf_counter() - t
     t = time.perf_counter()
     result = engine.merge(spec, progress, io=cfg, should_cancel=should_cancel, calibration_files=calibration_files or None,
                    choose_alpha=p.choose_alpha if spec.alpha_auto else None)

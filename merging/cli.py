@@ -286,6 +286,9 @@ def format_merge_summary(s: dict[str, Any]) -> str:
     lines.append(f"  time      {s['wall_s']:.2f}s wall" + (f" ({timings})" if timings else ""))
     ev = s.get("evaluation")
     if ev:
+        if ev.get("chosen_lambda"):
+            lams = ", ".join(f"{n} {v:g}" for n, v in ev["chosen_lambda"].items())
+            lines.append(f"  lambda    {lams} (TALL masks, chosen on validation data)")
         if ev.get("chosen_alpha") is not None:
             lines.append(f"  alpha     {ev['chosen_alpha']:g} (chosen on validation data)")
         avg = ev.get("average") or {}
@@ -319,6 +322,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
                                  "tasks": {r["task"]: r["merged"] for r in evaluation.get("tasks", [])}}
         if "alpha_search" in evaluation:
             summary["evaluation"]["chosen_alpha"] = evaluation["alpha_search"]["chosen_alpha"]
+        if "lambda_search" in evaluation:
+            summary["evaluation"]["chosen_lambda"] = evaluation["lambda_search"]["chosen_lambda"]
         if args.json:
             summary["evaluation"] = evaluation  # the full report section
     if args.json:

@@ -331,6 +331,10 @@ def merge(spec: MergeSpec | dict, progress: Callable[[ProgressEvent], Any] | Non
     if spec.alpha_auto and choose_alpha is None:
         raise SpecError("params.alpha: 'auto' needs an α search over validation data; run the job through the "
                         "service or the `submerge merge` command, which evaluate the merged model", field="params.alpha")
+    if spec.searched_params:
+        name = spec.searched_params[0]
+        raise SpecError(f"params.{name}: 'auto' is chosen on validation data before the merge; run the job through "
+                        "the service or the `submerge merge` command, which evaluate the merged model", field=f"params.{name}")
     cfg = io or IOConfig()
     emit = _Progress(progress, should_cancel)
     timings: dict[str, float] = {}

@@ -207,20 +207,34 @@ class MergeSpec(_Strict):
             dup = sorted({n for n in tasks if tasks.count(n) > 1})
             if dup:
                 raise ValueError(f"evaluation.tasks: duplicate task name(s) {dup}")
-        if self.alpha_auto:
-            if method.alpha_search is None:
-                raise ValueError(f"params.alpha: 'auto' is not available for method {self.method!r} (it has no α to search)")
+        if self.alpha_auto and method.alpha_search is None:
+            raise ValueError(f"params.alpha: 'auto' is not available for method {self.method!r} (it has no α to search)")
+        for name in (["alpha"] if self.alpha_auto else []) + self.searched_params:
             missing = [] if self.evaluation is None else [i for i, t in enumerate(self.evaluation.tasks) if t.validation is None]
             if self.evaluation is None or missing:
                 why = ("the spec has no evaluation section" if self.evaluation is None
                        else f"evaluation.tasks.{missing[0]}.validation is missing")
-                raise ValueError(f"params.alpha: 'auto' chooses α on validation data, but {why}")
+                symbol = "α" if name == "alpha" else name
+                raise ValueError(f"params.{name}: 'auto' chooses {symbol} on validation data, but {why}")
+        if self.searched_params:  # chosen per expert: every expert needs a task to be scored on
+            covered = {t.expert for t in self.evaluation.tasks}
+            lacking = [n for n in names if n not in covered]
+            if lacking:
+                raise ValueError(f"params.{self.searched_params[0]}: 'auto' is chosen per expert on its task's validation "
+                                 f"split, but expert {lacking[0]!r} has no evaluation task")
         return self
 
     @property
     def alpha_auto(self) -> bool:
         """``params.alpha == "auto"``: α is chosen on validation data (ALGORITHMS.md §0)."""
         return self.params.get("alpha") == "auto"
+
+    @property
+    def searched_params(self) -> list[str]:
+        """Parameters other than α set to "auto" (``MergeMethod.validation_searched``): the
+        evaluation pipeline chooses them on validation data before the merge."""
+        from merging.registry import get_method
+        return [n for n in get_method(self.method).validation_searched if self.params.get(n) == "auto"]
 
     def effective_passthrough(self) -> list[str]:
         """Passthrough patterns, plus the classification heads when an evaluator keeps per-task heads."""

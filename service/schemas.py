@@ -24,8 +24,8 @@ class ErrorBody(BaseModel):
 
 class Progress(BaseModel):
     phase: str | None = Field(None, description=(
-        "evaluation setup | calibration | inspect | prepass i/n | merge | alpha search | rescale | diagnostics | "
-        "finalize | publish | evaluation | done"))
+        "evaluation setup | calibration | lambda search | inspect | prepass i/n | merge | alpha search | rescale | "
+        "diagnostics | finalize | publish | evaluation | done"))
     done: int = Field(0, description="Steps done in the current phase (tensors, experts, α candidates or scoring steps).")
     total: int = Field(0, description="Steps in the current phase.")
     fraction: float = Field(0.0, description="done / total of the current phase (1.0 when finished).")

@@ -477,6 +477,12 @@ def test_render_report_html_with_and_without_evaluation():
     page = render_report_html(rep)
     ev = _section(page, "evaluation")
     assert ev.count('src="data:image/png;base64,') == 2 and "task0" in ev and "0.81" in ev
+    assert "TALL-mask" not in ev
+    rep["evaluation"]["lambda_search"] = {"grid": [0.2, 0.4], "chosen_lambda": {"a": 0.4},
+                                          "validation_accuracy": {"a": [{"lambda": 0.2, "accuracy": 0.625},
+                                                                        {"lambda": 0.4, "accuracy": 0.875}]}}
+    ev = _section(render_report_html(rep), "evaluation")
+    assert "TALL-mask λ per expert" in ev and "<td class=\"\">0.875</td>" in ev and "λ = 0.4" in ev
 
     # Sections without data are skipped; a bare report still renders.
     bare = render_report_html({"method": "task_arithmetic", "experts": ["a", "b"], "evaluation": {"alpha_curve": [{"alpha": 1, "score": 2}]}})

@@ -5,6 +5,7 @@ serving the evaluation in report.json / report.html."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -138,6 +139,68 @@ def test_alpha_auto_picks_the_best_grid_point_and_accuracies_are_direct(family, 
         assert p in phases
     ends = [e for e in events if e.phase == "evaluation"]
     assert ends[-1].done == ends[-1].total and all(0 <= e.done <= e.total for e in ends)
+
+
+def test_consensus_lambda_auto_is_the_official_tall_mask_step(family, tmp_path):
+    """Each expert's λ is the first best of {0.2 … 0.6} for θ0 + m_t(λ) ⊙ Σ τ on its task's
+    validation split (scores recomputed directly), and the merge runs with those λs."""
+    import merging
+    from evaluation.pipeline import run_pipeline
+    fam = family
+    events = []
+    run = run_pipeline(_spec(fam, "tall", method="consensus", params={"lambda": "auto", "alpha": 0.7, "k": 1}),
+                       progress=events.append, cache_dir=str(tmp_path))
+    search = run.evaluation["lambda_search"]
+    assert search["grid"] == [0.2, 0.3, 0.4, 0.5, 0.6]
+
+    base_sd = load_file(f"{fam['base']}/model.safetensors")
+    taus = {n: {k: v - base_sd[k] for k, v in load_file(f"{d}/model.safetensors").items() if v.is_floating_point()}
+            for n, d in fam["experts"].items()}
+    model, tok = _hf(fam["base"])
+    distinct = set()
+    for n, other in (("A", "B"), ("B", "A")):
+        points = search["validation_accuracy"][n]
+        assert [p["lambda"] for p in points] == search["grid"]
+        for p in points:  # with two experts, Σ τ − τ_t is the other expert's task vector
+            lam = p["lambda"]
+            state = {k: base_sd[k] + torch.where(taus[n][k].abs() > lam * taus[other][k].abs(), taus[n][k] + taus[other][k], 0.0)
+                     for k in taus[n]}
+            model.load_state_dict(state, strict=False)
+            assert p["accuracy"] == pytest.approx(_zero_shot_acc(model, tok, fam["heads"][n], fam["data"][n]["validation"])), (n, lam)
+        best = max(p["accuracy"] for p in points)
+        assert search["chosen_lambda"][n] == next(p["lambda"] for p in points if p["accuracy"] == best)
+        distinct |= {p["accuracy"] for p in points}
+    assert len(distinct) > 1  # λ changes the scores on this fixture: the choice is not vacuous
+
+    chosen = [search["chosen_lambda"][n] for n in ("A", "B")]
+    assert run.merge.manifest["spec"]["params"]["lambda"] == chosen
+    direct = merging.merge({"method": "consensus", "params": {"lambda": chosen, "alpha": 0.7, "k": 1},
+                            "base": {"uri": fam["base"]}, "experts": [{"uri": fam["experts"][n], "name": n} for n in ("A", "B")],
+                            "output": {"uri": str(tmp_path / "direct")}, "options": {"diagnostics": "off"}})
+    got = load_file(str(fam["root"] / "tall" / "model.safetensors"))
+    want = load_file(f"{direct.output_uri}/model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    phases = [e.phase for e in events]
+    assert phases.index("lambda search") < phases.index("merge")
+    assert run.evaluation["timings_s"]["lambda_search"] > 0
+
+
+def test_consensus_lambda_auto_needs_validation_data_for_every_expert(family):
+    import merging
+    from merging.errors import SpecError
+    from merging.spec import load_spec
+    fam = family
+    no_eval = _spec(fam, "x", method="consensus", params={"lambda": "auto"})
+    del no_eval["evaluation"]
+    with pytest.raises(SpecError, match=r"params.lambda: 'auto' chooses lambda on validation data, but the spec has no evaluation section"):
+        load_spec(no_eval)
+    one_task = _spec(fam, "x", method="consensus", params={"lambda": "auto"})
+    one_task["evaluation"]["tasks"] = one_task["evaluation"]["tasks"][:1]
+    with pytest.raises(SpecError, match=r"params.lambda: .* expert 'B' has no evaluation task"):
+        load_spec(one_task)
+    with pytest.raises(SpecError, match=r"params.lambda: 'auto' is chosen on validation data before the merge"):
+        merging.merge(_spec(fam, "x", method="consensus", params={"lambda": "auto"}))
+    assert not (fam["root"] / "x").exists()
 
 
 def test_baselines_are_cached_and_bad_task_data_fails_before_merging(family, tmp_path):
@@ -279,6 +342,13 @@ def test_cli_merge_runs_the_pipeline(family, tmp_path, capsys, monkeypatch):
     summary = json.loads(capsys.readouterr().out)
     assert summary["evaluation"]["alpha_search"]["chosen_alpha"] == summary["params"]["alpha"]
     assert {t["task"] for t in summary["evaluation"]["tasks"]} == {"A", "B"}
+
+    tall = _spec(fam, "unused", method="consensus", params={"lambda": "auto", "alpha": 0.5})
+    tall["output"] = {"uri": str(tmp_path / "cli_tall")}
+    (tmp_path / "tall.yaml").write_text(yaml.safe_dump(tall))
+    assert main(["merge", str(tmp_path / "tall.yaml"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"lambda    A 0\.[2-6], B 0\.[2-6] \(TALL masks, chosen on validation data\)", out), out
 
 
 def test_preflight_accepts_samples_to_capture_and_merge_alone_names_them(family, tmp_path):

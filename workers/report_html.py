@@ -11,7 +11,9 @@ the model, is shown when present:
 * ``report["evaluation"]["average"]``: a row of column means, shown under the table;
 * ``report["evaluation"]["alpha_search"]``: ``{"chosen_alpha", "curve": [{"alpha", "avg_accuracy",
   "avg_normalized"}, ...]}`` as ``evaluation.pipeline`` writes it (or the older
-  ``report["evaluation"]["alpha_curve"]``: ``[{"alpha": a, "score": s}, ...]``).
+  ``report["evaluation"]["alpha_curve"]``: ``[{"alpha": a, "score": s}, ...]``);
+* ``report["evaluation"]["lambda_search"]``: consensus's per-expert TALL-mask λ, ``{"grid",
+  "chosen_lambda": {expert: λ}, "validation_accuracy": {expert: [{"lambda", "accuracy"}, ...]}}``.
 """
 from __future__ import annotations
 
@@ -407,6 +409,17 @@ def _evaluation(report: dict) -> str:
             kind = (search.get("search") or {}).get("kind", "")
             parts.append(f'<p class="note">α search: {_esc(kind)}, {len(pts)} points evaluated; the chosen α maximises '
                          'the mean normalized accuracy among them.</p>')
+    tall = ev.get("lambda_search")
+    if isinstance(tall, dict) and isinstance(tall.get("validation_accuracy"), dict) and isinstance(tall.get("grid"), list):
+        grid = tall["grid"]
+        chosen = tall.get("chosen_lambda") or {}
+        rows = []
+        for expert, points in tall["validation_accuracy"].items():
+            acc = {p.get("lambda"): p.get("accuracy") for p in points if isinstance(p, dict)}
+            rows.append([expert, chosen.get(expert), *(acc.get(lam) for lam in grid)])
+        parts.append("<h3>TALL-mask λ per expert</h3>" + _table(["expert", "chosen λ", *(f"λ = {lam:g}" for lam in grid)], rows)
+                     + '<p class="note">Validation accuracy of θ0 + m_t(λ) ⊙ Σ τ on each expert\'s task; the first best λ is '
+                       'kept (the official TALL-mask step).</p>')
     curve = [(_num(p.get("alpha")), _num(p.get("score"))) for p in ev.get("alpha_curve") or [] if isinstance(p, dict)]
     curve = sorted((a, s) for a, s in curve if a is not None and s is not None)
     if curve:

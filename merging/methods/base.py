@@ -69,6 +69,9 @@ class MergeMethod:
     default_max_workers: ClassVar[int | None] = None
     # How params.alpha = "auto" searches α (merging/alpha.py); None: the method has no α to search.
     alpha_search: ClassVar["AlphaSearch | None"] = None
+    # Other parameters that accept "auto": chosen on validation data by the evaluation pipeline
+    # before the merge (consensus: the per-task TALL-mask λ), never seen as "auto" by merge().
+    validation_searched: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: MethodParams, ctx: MergeContext):
         self.params = params
