@@ -181,6 +181,12 @@ def test_report_tables(tmp_path):
     assert "| Task Arithmetic | 0.3 | 0.4 |" in text                  # default α, chosen α
     assert "TSV-M above TA and TIES at T = 2 | n/a" in text            # TIES missing: not judged
     assert "`make bench-quality`" in text
+    assert "TALL-mask λ" not in text                                # no λ search among the records
+    cons = _rec(2, "consensus", "auto", [0.7, 0.7], E, B, alpha=0.5)
+    cons["evaluation"]["lambda_search"] = {"chosen_lambda": {"t0": 0.2, "t1": 0.5}}
+    cons["timings_s"]["lambda_search"] = 7.0
+    text = qreport.render(recs + [cons], {"Ts": [2]}, command="make bench-quality")
+    assert "| 2 | t0 0.2, t1 0.5 |" in text and "λ search 7" in text
     # the file writer: markdown + plot
     rd = tmp_path / "results"
     rd.mkdir()

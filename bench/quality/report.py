@@ -179,6 +179,19 @@ def alpha_table(res: Results) -> str:
     return "\n".join(lines)
 
 
+def lambda_table(res: Results) -> str:
+    """Consensus's TALL-mask λ per task, where the runs chose it on validation ("lambda": "auto")."""
+    rows = []
+    for T in res.Ts:
+        r = res.get(T, "consensus", "auto")
+        chosen = ((r or {}).get("evaluation") or {}).get("lambda_search", {}).get("chosen_lambda")
+        if chosen:
+            rows.append(f"| {T} | " + ", ".join(f"{task} {lam:g}" for task, lam in chosen.items()) + " |")
+    if not rows:
+        return ""
+    return "\n".join(["| T | λ per task, chosen from {0.2 … 0.6} on validation |", "|---:|---|", *rows])
+
+
 def _t(r: dict | None, *names) -> float | None:
     if r is None:
         return None
@@ -201,7 +214,8 @@ def wall_table(res: Results) -> str:
                 continue
             total = r.get("wall_s")
             parts = []
-            for label, names in (("calib", ("calibration",)), ("merge", ("merge",)), ("α search", ("alpha_search",)),
+            for label, names in (("calib", ("calibration",)), ("λ search", ("lambda_search",)), ("merge", ("merge",)),
+                                 ("α search", ("alpha_search",)),
                                  ("eval", ("evaluation",))):
                 v = _t(r, *names)
                 if v is not None:
@@ -361,6 +375,14 @@ def render(records: list[dict], meta: dict | None = None, *, command: str | None
     L.append("")
     L.append(alpha_table(res))
     L.append("")
+    lam = lambda_table(res)
+    if lam:
+        L.append("Consensus with α chosen on validation also chooses each task's TALL-mask λ there, as the official "
+                 "code does (`\"lambda\": \"auto\"`, README \"Consensus λ\"); with the default α it keeps the default "
+                 "λ = 0.6.")
+        L.append("")
+        L.append(lam)
+        L.append("")
     L.append("## Wall time per job (seconds, this machine)")
     L.append("")
     L.append("Submit → report, measured by the client; in parentheses the service's own timings (`timings_s` of "

@@ -55,6 +55,9 @@ METHODS: list[tuple[str, str, str, dict]] = [
     ("esm", "ESM", "esm", {}),
 ]
 NO_AUTO = {"weight_average"}
+# What else "auto" chooses on validation, as the official code does: Consensus's per-task TALL-mask λ
+# (the default-α run keeps the default λ, FusionBench's 0.6).
+AUTO_EXTRA = {"consensus": {"lambda": "auto"}}
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -358,7 +361,7 @@ def main(argv=None) -> int:
                 _, label, mid, extra = known[key]
                 if mode == "auto" and key in NO_AUTO:
                     continue
-                params = {**extra, **({"alpha": "auto"} if mode == "auto" else {})}
+                params = {**extra, **({"alpha": "auto", **AUTO_EXTRA.get(key, {})} if mode == "auto" else {})}
                 spec = build_spec(mid, params, base_dir, sub, experts, evaluation,
                                   calib_samples=args.calib_samples, max_length=args.max_length)
                 jobs.append((T, key, label, mid, mode, spec))
