@@ -286,8 +286,9 @@ class Pipeline:
         ``TALL_LAMBDAS``, the model θ0 + m_t(λ) ⊙ Σ_s τ_s, with m_t(λ) = |τ_t| > λ·|Σ_s τ_s − τ_t|,
         is scored on the validation split of t's task(s); t keeps the λ that scores best, the
         smallest on ties (the official code takes the first maximum over λ in ascending order).
-        Holds the base, the sum and one expert's task vector, as the α search holds the base and
-        the merged task vector: evaluation needs the whole model anyway."""
+        Holds about five model-sized arrays (the base, the sum, one expert's task vector and
+        |Σ_s τ_s − τ_t|, the candidate), where the α search holds three: evaluation needs whole
+        models anyway."""
         keys = [p.key for p in engine.preflight(self.spec, self.cfg).plan if p.action == "merge"]
         dtype = getattr(torch, self.spec.options.compute_dtype)
         full = dict(self.base_model_state())  # copied keys (passthrough, buffers) stay the base's
