@@ -99,9 +99,7 @@ def top_eigh(a: torch.Tensor, k: int, upper: bool = False) -> tuple[torch.Tensor
     lower triangle of ``a``, or the upper one with ``upper``."""
     n = a.shape[-1]
     if 0 < k <= n and lapack.available(a):
-        flat = [lapack.syevr_top(a_i, k, upper) for a_i in a.reshape(-1, n, n)]
-        return (torch.stack([e for e, _ in flat]).reshape(*a.shape[:-2], k),
-                torch.stack([v for _, v in flat]).reshape(*a.shape[:-2], n, k))
+        return _per_matrix(lambda a_i: lapack.syevr_top(a_i, k, upper), a)
     evals, vecs = torch.linalg.eigh(a, UPLO="U" if upper else "L")
     return evals[..., n - k:], vecs[..., n - k:]
 
@@ -111,12 +109,16 @@ def eigh(a: torch.Tensor, upper: bool = False) -> tuple[torch.Tensor, torch.Tens
     ``torch.linalg.eigh`` returns them; OpenBLAS syevd when ``merging.lapack`` applies."""
     if not lapack.available(a):
         return torch.linalg.eigh(a, UPLO="U" if upper else "L")
+    return _per_matrix(lambda a_i: lapack.syevd(a_i, upper), a)
+
+
+def _per_matrix(solve, a: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``solve`` (one 2-D matrix → a tuple of tensors) over the leading dims of ``a``, stacked back."""
     if a.ndim == 2:
-        return lapack.syevd(a, upper)
-    n = a.shape[-1]
-    flat = [lapack.syevd(a_i, upper) for a_i in a.reshape(-1, n, n)]
-    return (torch.stack([e for e, _ in flat]).reshape(*a.shape[:-1]),
-            torch.stack([v for _, v in flat]).reshape(a.shape))
+        return solve(a)
+    parts = [solve(a_i) for a_i in a.reshape(-1, *a.shape[-2:])]
+    return tuple(torch.stack([p[j] for p in parts]).reshape(*a.shape[:-2], *parts[0][j].shape)
+                 for j in range(len(parts[0])))
 
 
 def polar(m: torch.Tensor) -> torch.Tensor:
@@ -168,24 +170,28 @@ def _polar_gram(x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, 
     g, upper = _gram_triangle(x)
     try:
         evals, w = eigh(g, upper)
-    except RuntimeError:  # LAPACK non-convergence: the SVD below is exact for any input
-        evals = w = None
+    except RuntimeError:  # LAPACK non-convergence: the SVD is exact for any input
+        return _polar_by_svd(x, y)
     del g
-    sv2 = evals.clamp_min(0) if evals is not None else None
-    smax = sv2.max().sqrt() if sv2 is not None and sv2.numel() else torch.tensor(0.0, dtype=x.dtype)
+    sv2 = evals.clamp_min(0)
+    smax = sv2.max().sqrt() if sv2.numel() else torch.tensor(0.0, dtype=x.dtype)
     # Condition guard: eigh of the Gram matrix squares the condition number. When the smallest
     # singular value is tiny relative to the largest, the inverse square root is inaccurate,
     # so use the SVD there (it is exact for any rank, with sign/rotation freedom only in the null space).
-    if sv2 is None or sv2.numel() == 0 or smax == 0 or sv2.min().sqrt() < 1e-6 * smax:
-        u, s, vh = svd(x)
-        p = u @ vh
-        return (p if y is None else p @ y.to(torch.float64)), s
+    if sv2.numel() == 0 or smax == 0 or sv2.min().sqrt() < 1e-6 * smax:
+        return _polar_by_svd(x, y)
     s = sv2.sqrt().flip(-1)
     if y is None:
         return x @ ((w * sv2.rsqrt().unsqueeze(-2)) @ w.mT), s
     z = w.mT @ y.to(torch.float64)
     z *= sv2.rsqrt().unsqueeze(-1)
     return x @ (w @ z), s
+
+
+def _polar_by_svd(x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    u, s, vh = svd(x)
+    p = u @ vh
+    return (p if y is None else p @ y.to(torch.float64)), s
 
 
 def _one_at_a_time(a: torch.Tensor) -> bool:
@@ -207,8 +213,7 @@ def top_singular(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, t
         u, s, vh = svd(a)
         return u[..., :k], s[..., :k], vh[..., :k, :]
     if _one_at_a_time(a):
-        parts = [top_singular(a_i, k) for a_i in a.reshape(-1, m, n)]
-        return tuple(torch.stack([p[j] for p in parts]).reshape(*a.shape[:-2], *parts[0][j].shape) for j in range(3))
+        return _per_matrix(lambda a_i: top_singular(a_i, k), a)
     wide = m < n
     x = (a.mT if wide else a).to(torch.float64)  # tall: (M, r)
     try:
