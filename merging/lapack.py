@@ -23,7 +23,7 @@ import threading
 import torch
 
 _ROW_MAJOR, _COL_MAJOR = 101, 102
-_UPPER, _TRANS = 121, 112
+_UPPER, _NO_TRANS, _TRANS = 121, 111, 112
 
 _lib = None
 _loaded = False
@@ -88,10 +88,15 @@ def syrk_upper(x: torch.Tensor) -> torch.Tensor:
     """The upper triangle of ``xᵀx`` (n × n; zeros below the diagonal) of a 2-D float64 CPU ``x``
     (m × n). Eigensolvers read one triangle, so symmetrising (two more n × n arrays) is left to
     callers that need the full matrix."""
-    x = x.contiguous()
     m, n = x.shape
     c = torch.zeros((n, n), dtype=torch.float64)
     _match_threads()
+    if x.mT.is_contiguous() and not x.is_contiguous():
+        # a transposed view (a wide matrix's small side): C = y yᵀ of the row-major y = xᵀ (lda = m),
+        # instead of a strided copy of x
+        _lib.scipy_cblas_dsyrk(_ROW_MAJOR, _UPPER, _NO_TRANS, n, m, 1.0, x.mT.data_ptr(), m, 0.0, c.data_ptr(), n)
+        return c
+    x = x.contiguous()
     # Row-major A = x (lda = n), C = Aᵀ A: only the upper triangle of C is written.
     _lib.scipy_cblas_dsyrk(_ROW_MAJOR, _UPPER, _TRANS, n, m, 1.0, x.data_ptr(), n, 0.0, c.data_ptr(), n)
     return c

@@ -1,4 +1,4 @@
-"""NaN/Inf checks: one float64 reduction each, still exact."""
+"""NaN/Inf checks: one reduction each (the exact mask only when the sum is not finite), still exact."""
 import os
 
 import pytest

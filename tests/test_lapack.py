@@ -36,6 +36,9 @@ def test_syrk_gram_is_the_full_symmetric_gram(shape):
     assert torch.equal(g, g.mT)
     assert torch.allclose(g, x.mT @ x, rtol=1e-12, atol=1e-12)
     assert torch.allclose(linalg.gram(x[:, ::2]), x[:, ::2].mT @ x[:, ::2], atol=1e-12)  # non-contiguous input
+    y = x.mT.contiguous().mT  # a transposed view (the small side of a wide matrix): no copy, other BLAS flag
+    assert not y.is_contiguous() or shape[0] == 1
+    assert torch.allclose(linalg.gram(y), x.mT @ x, rtol=1e-12, atol=1e-12)
 
 
 @needs_lib

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import merging
-from merging.linalg import _svd_via_eigh, polar, svd, top_singular
+from merging.linalg import _svd_via_eigh, polar, svd, top_singular, top_singular_outside
+from merging.methods.iso_cts import iso_cts_matrix
 from tests import reference as ref
 from tests.golden import rel_err
 
@@ -138,6 +139,56 @@ def test_top_singular_float32_matches_float64_svd(shape, k):
     approx = (u.double() * s.double().unsqueeze(-2)) @ vh.double()
     exact = (u64[..., :k] * s64[..., :k].unsqueeze(-2)) @ vh64[..., :k, :]
     assert (approx - exact).abs().max() / exact.abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("m,n,p", [(120, 40, 25), (40, 120, 25), (60, 60, 50)])
+def test_top_singular_outside_matches_the_explicit_residual(m, n, p):
+    torch.manual_seed(4)
+    x = torch.randn(m, n, dtype=torch.float64)
+    x[:, :3] *= 20
+    basis, _ = torch.linalg.qr(torch.randn(m, p, dtype=torch.float64))
+    k = 6
+    u, s, vh = top_singular_outside(x.float(), basis, k)
+    u64, s64, vh64 = torch.linalg.svd(x - basis @ (basis.mT @ x), full_matrices=False)
+    assert torch.allclose(s, s64[:k], rtol=1e-6)
+    want = (u64[:, :k] * s64[:k]) @ vh64[:k]
+    assert ((u * s) @ vh - want).abs().max() / want.abs().max() < 1e-6
+    assert (basis.mT @ u).abs().max() < 1e-6  # the left vectors lie outside the basis
+    assert torch.allclose(u.mT @ u, torch.eye(k, dtype=torch.float64), atol=1e-8)
+
+
+@pytest.mark.parametrize("shape", [(8, 96, 48), (8, 48, 96), (8, 64, 64), (5, 120, 40), (3, 40, 40)])
+def test_iso_cts_block_orthogonal_route_equals_the_direct_one(shape):
+    """The float32 regime orthogonalises only the task block of [U_1 … U_T U_c] (the residuals lie
+    outside the common space); the float64 regime forms and factors everything as the official
+    code does. Both must give the oracle's matrix, on tall, wide and square layers."""
+    from merging.methods.iso_cts import _iso_cts_direct, iso_cts_sizes
+    torch.manual_seed(5)
+    n_tasks, m, n = shape
+    tvs = [torch.randn(m, 4, dtype=torch.float64) @ torch.randn(4, n, dtype=torch.float64)
+           + 0.05 * torch.randn(m, n, dtype=torch.float64) for _ in range(n_tasks)]
+    tvs = [t.float().double() for t in tvs]  # the inputs as float32 checkpoints hold them
+    expected = ref.iso_cts(tvs)
+    taus = torch.stack(tvs).float()
+    k, s = iso_cts_sizes(min(m, n), n_tasks, 0.8)
+    assert rel_err(iso_cts_matrix(taus, 0.8).double(), expected) < 2e-5
+    assert rel_err(iso_cts_matrix(taus.double(), 0.8), expected) < 1e-10
+    # the direct route in float32, for scale: the block-orthogonal one is no less accurate
+    direct = rel_err(_iso_cts_direct(taus, taus.sum(0), k, s).double(), expected)
+    assert rel_err(iso_cts_matrix(taus, 0.8).double(), expected) <= 2 * direct
+
+
+def test_iso_cts_with_a_sum_of_rank_below_the_common_space():
+    """A tall layer whose task sum has rank 6 < k: the common space is not an orthonormal basis
+    from the Gram route (zero columns), so the direct route is taken; the result stays finite."""
+    from merging.methods.iso_cts import _iso_cts_direct, iso_cts_sizes
+    torch.manual_seed(6)
+    shared = torch.randn(96, 6)
+    taus = torch.stack([shared @ torch.randn(6, 48) for _ in range(4)])
+    k, s = iso_cts_sizes(48, 4, 0.8)
+    out = iso_cts_matrix(taus, 0.8)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, _iso_cts_direct(taus, taus.sum(0), k, s))
 
 
 def test_polar_is_orthonormal_and_exact():
