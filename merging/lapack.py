@@ -136,12 +136,13 @@ def syevr_top(a: torch.Tensor, k: int, upper: bool = False) -> tuple[torch.Tenso
     return w[solve - k:solve].clone(), z[solve - k:].mT
 
 
-def syevd(a: torch.Tensor, upper: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def syevd(a: torch.Tensor, upper: bool = False, overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Every eigenpair of a symmetric float64 CPU ``a`` (n × n), ascending, as
     ``torch.linalg.eigh`` returns them: ``(evals (n,), evecs (n, n))`` with eigenvectors as
-    columns. Reads the lower triangle (the upper one with ``upper``); ``a`` is not modified."""
+    columns. Reads the lower triangle (the upper one with ``upper``); ``a`` is not modified
+    unless ``overwrite``, when a contiguous ``a`` receives the eigenvectors (one n × n array less)."""
     n = a.shape[0]
-    work = a.contiguous().clone()  # overwritten by the eigenvectors
+    work = a if overwrite and a.is_contiguous() else a.contiguous().clone()  # overwritten by the eigenvectors
     w = torch.empty(n, dtype=torch.float64)
     _match_threads()
     info = _lib.scipy_LAPACKE_dsyevd(_COL_MAJOR, b"V", b"L" if upper else b"U", n, work.data_ptr(), n, w.data_ptr())

@@ -107,12 +107,13 @@ def top_eigh(a: torch.Tensor, k: int, upper: bool = False) -> tuple[torch.Tensor
     return evals[..., n - k:], vecs[..., n - k:]
 
 
-def eigh(a: torch.Tensor, upper: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def eigh(a: torch.Tensor, upper: bool = False, overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Every eigenpair of the symmetric ``a`` (batched over leading dims), ascending, exactly as
-    ``torch.linalg.eigh`` returns them; OpenBLAS syevd when ``merging.lapack`` applies."""
+    ``torch.linalg.eigh`` returns them; OpenBLAS syevd when ``merging.lapack`` applies. With
+    ``overwrite`` the eigenvectors may take ``a``'s memory (a 3072² Gram is 75 MB)."""
     if not lapack.available(a):
         return torch.linalg.eigh(a, UPLO="U" if upper else "L")
-    return _per_matrix(lambda a_i: lapack.syevd(a_i, upper), a)
+    return _per_matrix(lambda a_i: lapack.syevd(a_i, upper, overwrite), a)
 
 
 def _per_matrix(solve, a: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -172,10 +173,10 @@ def _polar_gram(x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, 
     x = x.to(torch.float64)
     g, upper = _gram_triangle(x)
     try:
-        evals, w = eigh(g, upper)
+        evals, w = eigh(g, upper, overwrite=True)
     except RuntimeError:  # LAPACK non-convergence: the SVD is exact for any input
         return _polar_by_svd(x, y)
-    del g
+    del g  # (its memory may hold w now)
     sv2 = evals.clamp_min(0)
     smax = sv2.max().sqrt() if sv2.numel() else torch.tensor(0.0, dtype=x.dtype)
     # Condition guard: eigh of the Gram matrix squares the condition number. When the smallest

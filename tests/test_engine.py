@@ -259,3 +259,35 @@ def test_default_workers_shrink_when_the_jobs_would_not_fit_in_memory(monkeypatc
     assert engine.default_worker_count(1, 85 << 20) == 1  # the method's cap (esm)
     monkeypatch.setattr(engine, "memory_bytes", lambda: None)
     assert engine.default_worker_count(None, 1 << 40) == 8  # unknown memory: cores only
+
+
+@pytest.mark.parametrize("method", ["tsv_m", "ties"])  # ties: its prepasses load every tensor too
+def test_recycled_task_buffers_do_not_change_the_result(tmp_path, monkeypatch, method):
+    """Large jobs' task-vector buffers are reused once their result is stored. With the threshold
+    lowered so that every matrix here is recycled, any buffer handed out while a worker still
+    read it would change the output; and the buffers must be few and actually reused."""
+    from merging import engine
+    shapes = {f"l{i}.weight": ((40, 24) if i % 2 else (24, 40)) for i in range(6)} | {f"l{i}.bias": (40,) for i in range(6)}
+    spec = _matrix_ckpts(tmp_path, shapes, 3)
+    fresh = tmp_path / "fresh"
+    monkeypatch.setattr(engine._Loader, "RECYCLE_BYTES", 1 << 62)
+    merging.merge({**spec, "method": method, "output": {"uri": str(fresh)}, "options": {"diagnostics": "off", "workers": 3}})
+    want = load_file(str(fresh / "model.safetensors"))
+
+    monkeypatch.setattr(engine._Loader, "RECYCLE_BYTES", 1000)  # 3 × 40 × 24 × 4 B recycled, biases not
+    handed_out = []
+    original = engine._Loader._task_buffer
+
+    def spy(self, shape):
+        taus, raw = original(self, shape)
+        if raw is not None:
+            handed_out.append(raw.data_ptr())
+        return taus, raw
+    monkeypatch.setattr(engine._Loader, "_task_buffer", spy)
+    for workers in (1, 3):
+        handed_out.clear()
+        out = tmp_path / f"recycled{workers}"
+        merging.merge({**spec, "method": method, "output": {"uri": str(out)}, "options": {"diagnostics": "off", "workers": workers}})
+        got = load_file(str(out / "model.safetensors"))
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+        assert len(handed_out) >= 6 and len(set(handed_out)) <= workers + 1, (workers, handed_out)

@@ -75,6 +75,19 @@ def test_syevd_is_torch_eigh(batch, monkeypatch):
 
 
 @needs_lib
+def test_syevd_can_overwrite_its_input():
+    """The polar factor's 3072² Gram is not needed after its eigendecomposition: its memory takes
+    the eigenvectors (one 75 MB array less at ESM's peak), with the same result as a copy."""
+    a = torch.randn(50, 30, dtype=torch.float64)
+    g = a.mT @ a
+    evals, vecs = lapack.syevd(g)
+    g2 = g.clone()
+    evals2, vecs2 = lapack.syevd(g2, overwrite=True)
+    assert torch.equal(evals, evals2) and torch.equal(vecs, vecs2)
+    assert vecs2.data_ptr() == g2.data_ptr() and vecs.data_ptr() != g.data_ptr()
+
+
+@needs_lib
 def test_the_library_uses_the_calling_threads_torch_thread_count():
     """One thread inside the engine's worker pool; all of torch's when the main thread merges alone."""
     import ctypes
@@ -186,7 +199,7 @@ def test_syevr_failure_falls_back_to_the_svd(monkeypatch):
 
 def test_polar_survives_an_eigensolver_failure(monkeypatch):
     """The polar factors' eigensolver failing is not an error either: the SVD is used."""
-    def broken(a, upper=False):
+    def broken(a, upper=False, overwrite=False):
         raise lapack.EigenError("LAPACK dsyevd failed (info=1)")
     a = torch.randn(30, 12)
     want = linalg.polar(a.double())
