@@ -291,3 +291,14 @@ def test_recycled_task_buffers_do_not_change_the_result(tmp_path, monkeypatch, m
         got = load_file(str(out / "model.safetensors"))
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
         assert len(handed_out) >= 6 and len(set(handed_out)) <= workers + 1, (workers, handed_out)
+
+
+def test_only_jobs_of_at_least_half_the_largest_size_take_recycled_buffers():
+    """A window full of small jobs must not hold one largest-size buffer each (peak memory)."""
+    from merging import engine
+    loader = engine._Loader(None, [None, None], torch.device("cpu"), torch.float32, False, largest_job=8 << 20)
+    shapes = {(2, 1024, 1024): True, (2, 512, 1024): True, (2, 500, 1024): False, (2, 4, 4): False}
+    for shape, recycled in shapes.items():
+        taus, raw = loader._task_buffer(shape)
+        assert (raw is not None) == recycled and tuple(taus.shape) == shape
+    assert engine._Loader(None, [None], torch.device("cpu"), torch.float32, False, 1 << 20)._buffer_bytes == 0  # small model
