@@ -171,10 +171,11 @@ def test_the_calls_release_the_gil(monkeypatch):
 def test_methods_agree_with_and_without_the_library(monkeypatch):
     torch.manual_seed(0)
     taus = torch.randn(4, 96, 64) * 1e-3
-    with_lib = (tsv_merge_matrix(taus), iso_cts_matrix(taus, 0.8))
+    wide = torch.randn(4, 64, 96) * 1e-3  # Iso-CTS's other route (the torch-only path is CUDA's)
+    with_lib = (tsv_merge_matrix(taus), iso_cts_matrix(taus, 0.8), iso_cts_matrix(wide, 0.8))
     _without_library(monkeypatch)
     assert not lapack.available(taus.double())
-    without = (tsv_merge_matrix(taus), iso_cts_matrix(taus, 0.8))
+    without = (tsv_merge_matrix(taus), iso_cts_matrix(taus, 0.8), iso_cts_matrix(wide, 0.8))
     for x, y in zip(with_lib, without):
         assert torch.allclose(x, y, rtol=1e-5, atol=1e-9 * float(y.abs().max()))
 
