@@ -437,6 +437,7 @@ def merge(spec: MergeSpec | dict, progress: Callable[[ProgressEvent], Any] | Non
                         norms.setdefault(group, {})[item.key] = norm
                     deferred[item.key] = (path, item, group, coefficient)
                 coverage.append(_coverage(item, "merged", coefficient=coefficient, group=group or None))
+                loader.release(i)  # the result is stored: the job's task vectors are not read again
 
             # The main thread reads inputs and writes outputs in plan order; a small pool merges
             # several tensors at once, each single-threaded. What may be in flight is bounded in
@@ -463,25 +464,21 @@ def merge(spec: MergeSpec | dict, progress: Callable[[ProgressEvent], Any] | Non
                         while pending:  # keep the coverage list in plan order
                             j, it, fut = pending.pop(0)
                             store(j, it, fut.result())
-                            loader.release(j)
                         writer.write(item.key, base.read(item.key))
                         coverage.append(_coverage(item, "copied"))
                         continue
                     base_t, job = loader.load(item, i)
                     if pool is None:
                         store(i, item, compute(item, base_t, job))
-                        loader.release(i)
                         continue
                     pending.append((i, item, pool.submit(compute, item, base_t, job)))
                     del base_t, job
                     while pending and sum(job_bytes[it.key] for _, it, _ in pending) >= in_flight_budget:
                         j, it, fut = pending.pop(0)
                         store(j, it, fut.result())
-                        loader.release(j)
                 while pending:
                     j, it, fut = pending.pop(0)
                     store(j, it, fut.result())
-                    loader.release(j)
             finally:
                 if pool is not None:
                     for _, _, fut in pending:

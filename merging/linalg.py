@@ -236,13 +236,13 @@ def top_singular(a: torch.Tensor, k: int, exact: bool | None = None,
     evals = evals.flip(-1).clamp_min(0)
     v = w.flip(-1)  # (..., r, k) right singular vectors of x
     s = evals.sqrt()
-    u = _divide_columns(x @ v, s)  # left singular vectors of x
+    u = divide_columns(x @ v, s)  # left singular vectors of x
     if wide:
         u, v = v, u
     return u.to(out), s.to(out), v.mT.to(out)
 
 
-def _divide_columns(y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+def divide_columns(y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """``y / s`` column by column, in place, with the columns of zero ``s`` set to zero."""
     positive = s > 0
     y.div_(torch.where(positive, s, torch.ones_like(s)).unsqueeze(-2))
@@ -275,4 +275,4 @@ def top_singular_outside(x: torch.Tensor, basis: torch.Tensor, k: int) -> tuple[
     v = v.flip(-1)
     u = x @ v - basis @ (w @ v)
     norms = torch.linalg.vector_norm(u, dim=0)
-    return _divide_columns(u, torch.where(s > 0, norms, s)), s, v.mT
+    return divide_columns(u, torch.where(s > 0, norms, s)), s, v.mT

@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from merging.linalg import polar, svd
+from merging.linalg import divide_columns, polar, svd
 from merging.methods.esm import ESD_ROLES
 from merging.methods.iso_cts import iso_cts_sizes
 from merging.methods.tsv_m import tsvm_rank
@@ -186,9 +186,7 @@ def top_factors(a: torch.Tensor, eig: SmallSideEig, k: int) -> tuple[torch.Tenso
     x = a.to(eig.gram.dtype)
     s = eig.s[:k]
     w = eig.vecs[:, :k]
-    safe = torch.where(s > 0, s, torch.ones_like(s))
-    other = ((x @ w) if eig.side == "right" else (x.mT @ w)) / safe
-    other = other * (s > 0)
+    other = divide_columns((x @ w) if eig.side == "right" else (x.mT @ w), s)
     return (other, s, w) if eig.side == "right" else (w, s, other)
 
 
