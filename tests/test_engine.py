@@ -233,7 +233,8 @@ def test_a_small_tensor_queued_behind_a_large_one_does_not_idle_a_worker(tmp_pat
             second_started.set()
         return original(taus)
     monkeypatch.setattr(tsv_m, "tsv_merge_matrix", merge_matrix)
-    merging.merge({**spec, "output": {"uri": str(tmp_path / "out")}, "options": {"diagnostics": "off", "workers": 2}})
+    # The CPU engine's pool: on CUDA the engine runs one worker (one stream of kernels).
+    merging.merge({**spec, "output": {"uri": str(tmp_path / "out")}, "options": {"diagnostics": "off", "workers": 2, "device": "cpu"}})
     assert len(calls) == 2 and len(set(calls)) == 2, calls
 
 
@@ -271,7 +272,7 @@ def test_recycled_task_buffers_do_not_change_the_result(tmp_path, monkeypatch, m
     spec = _matrix_ckpts(tmp_path, shapes, 3)
     fresh = tmp_path / "fresh"
     monkeypatch.setattr(engine._Loader, "RECYCLE_BYTES", 1 << 62)
-    merging.merge({**spec, "method": method, "output": {"uri": str(fresh)}, "options": {"diagnostics": "off", "workers": 3}})
+    merging.merge({**spec, "method": method, "output": {"uri": str(fresh)}, "options": {"diagnostics": "off", "workers": 3, "device": "cpu"}})
     want = load_file(str(fresh / "model.safetensors"))
 
     monkeypatch.setattr(engine._Loader, "RECYCLE_BYTES", 1000)  # 3 × 40 × 24 × 4 B recycled, biases not
@@ -287,7 +288,8 @@ def test_recycled_task_buffers_do_not_change_the_result(tmp_path, monkeypatch, m
     for workers in (1, 3):
         handed_out.clear()
         out = tmp_path / f"recycled{workers}"
-        merging.merge({**spec, "method": method, "output": {"uri": str(out)}, "options": {"diagnostics": "off", "workers": workers}})
+        merging.merge({**spec, "method": method, "output": {"uri": str(out)},
+                       "options": {"diagnostics": "off", "workers": workers, "device": "cpu"}})  # recycling is CPU-only
         got = load_file(str(out / "model.safetensors"))
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
         assert len(handed_out) >= 6 and len(set(handed_out)) <= workers + 1, (workers, handed_out)

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The CUDA table of bench/RESULTS.md, on a GPU machine whose Python has torch but not this
+# project's other dependencies (the workplace's lent device: see bench/RESULTS.md, "CUDA").
+#
+#   bash bench/device_cuda.sh [tests|bench|all] [METHODS...]     (default: all, every method)
+#
+# 1. installs wheels carried in .whl/ (pydantic & co.; the lent machine cannot reach PyPI);
+# 2. runs the merge-core tests that then run on CUDA (device `auto`), conformance included when
+#    SUBMERGE_GOLDEN_DIR points at a copy of ../shared/golden;
+# 3. writes the 12-block × 8-expert synthetic checkpoints (with ESM calibration) and times one merge
+#    per method on CUDA, each in its own process (bench/timed_merge.py).
+# Output goes to stdout and, when $OUT is set, to $OUT/device_cuda.log.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+log=${OUT:-/tmp}/device_cuda.log
+exec > >(tee "$log") 2>&1
+export PYTHONUNBUFFERED=1
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+
+what=${1:-all}
+shift || true
+methods=("$@")
+[ ${#methods[@]} -eq 0 ] && methods=(weight_average task_arithmetic ties tsv_m iso_c iso_cts esm)
+
+if [ "$what" != bench ]; then
+  echo "== merge-core tests (device auto = CUDA here)"
+  python3 -m pytest -q -p no:cacheprovider tests/test_conformance.py tests/test_methods_reference.py \
+    tests/test_methods_baselines.py tests/test_engine.py tests/test_finite_checks.py \
+    tests/test_diagnostics.py tests/test_bad_inputs.py tests/test_lapack.py
+fi
+[ "$what" = tests ] && exit 0
+
+echo "== synthetic checkpoints"
+t0=$(date +%s)
+python3 bench/make_synthetic.py --blocks 12 --experts 8 --calibration > /dev/null || exit 1
+echo "written in $(( $(date +%s) - t0 )) s"
+data=bench/.cache/synthetic/vitb16_b12_s0
+
+echo "== CUDA, diagnostics off"
+for m in "${methods[@]}"; do python3 bench/timed_merge.py "$data" "$m" off cuda; done
+echo "== CUDA, diagnostics sampled (the default)"
+for m in tsv_m iso_c iso_cts; do python3 bench/timed_merge.py "$data" "$m" sampled cuda; done
