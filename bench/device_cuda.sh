@@ -34,7 +34,8 @@ if [ "$what" != bench ]; then
   echo "== merge-core tests (device auto = CUDA here)"
   python3 -m pytest -q -p no:cacheprovider tests/test_conformance.py tests/test_methods_reference.py \
     tests/test_methods_baselines.py tests/test_engine.py tests/test_finite_checks.py \
-    tests/test_diagnostics.py tests/test_bad_inputs.py tests/test_lapack.py
+    tests/test_diagnostics.py tests/test_bad_inputs.py tests/test_lapack.py tests/test_alpha.py \
+    tests/test_evaluators.py tests/test_eval_models.py tests/test_eval_data.py
 fi
 [ "$what" = tests ] && exit 0
 
