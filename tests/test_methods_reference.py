@@ -2,12 +2,14 @@
 T = 8 (TSV-M k = 0 and Iso-CTS s = 0 edge cases), T = 5, other shapes; plus robustness."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import merging
-from merging.linalg import _svd_via_eigh, polar, svd, top_singular, top_singular_outside
+from merging.linalg import _svd_via_eigh, polar, polar_times, polar_with_singular_values, svd, top_singular, top_singular_outside
 from merging.methods.iso_cts import iso_cts_matrix
 from tests import reference as ref
 from tests.golden import rel_err
@@ -198,6 +200,27 @@ def test_polar_is_orthonormal_and_exact():
     u, _, vh = torch.linalg.svd(m.double(), full_matrices=False)
     assert torch.allclose(p.double(), u @ vh, atol=1e-5)
     assert torch.allclose(p.mT @ p, torch.eye(20), atol=1e-5)
+
+
+@pytest.mark.parametrize("cond,bound", [(10.0, 3e-6), (1e4, 3e-7)])
+@pytest.mark.parametrize("shape", [(600, 150), (150, 600)])
+def test_polar_of_float32_inputs_keeps_float64_accuracy_when_ill_conditioned(shape, cond, bound):
+    """A float32 input's last product runs in float32 only when cond ≤ FLOAT32_PRODUCT_MAX_COND:
+    there its error stays near the output's float32 level; at cond 1e4 a float32 product is off
+    by 7e-5 here (measured), so the float64 product must be kept."""
+    torch.manual_seed(11)
+    m, n = shape
+    r = min(m, n)
+    u = torch.linalg.qr(torch.randn(m, r, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(n, r, dtype=torch.float64))[0]
+    x = (u * torch.logspace(0, -math.log10(cond), r, dtype=torch.float64)) @ v.mT
+    x32 = x.float()
+    want = polar(x32.double())  # float64 input: the float64 SVD route
+    y = torch.randn(r if m >= n else n, 7)
+    for got, ref in ((polar_with_singular_values(x32)[0], want),
+                     (polar_times(x32, y)[0], want @ y.double()) if m >= n else (polar(x32), want)):
+        assert got.dtype == torch.float32
+        assert (got.double() - ref).norm() / ref.norm() < bound
 
 
 @pytest.mark.parametrize("n_tokens", [500, 12])  # full-rank calibration Gram (Cholesky root) and singular (eigh root)

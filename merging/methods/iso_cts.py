@@ -69,8 +69,8 @@ def _iso_cts_structured(taus: torch.Tensor, total: torch.Tensor, k: int, s: int)
     * tall layers (m > n): each R_t's top-s from the n × n Gram RᵀR = ΔᵀΔ − WᵀW, W = U_cᵀΔ
       (``top_singular_outside``), without forming R.
 
-    Float64 throughout (the official code projects and factors in float32), and more accurate
-    than the direct route in float32. On the 12-block ViT-B/16 benchmark with 8 experts it took
+    Float64 throughout but the last product of two orthonormal factors (the official code
+    projects and factors in float32), and more accurate than the direct route in float32. On the 12-block ViT-B/16 benchmark with 8 experts it took
     one thread's CPU time from 115 to 93 s and the merge from 45.6 to 34 s (bench/RESULTS.md).
     Returns None when the sum's rank is below k on a tall layer (then U_c is not orthonormal).
     """
@@ -95,7 +95,10 @@ def _iso_cts_structured(taus: torch.Tensor, total: torch.Tensor, k: int, s: int)
     s_cat = torch.cat([*(p[1] for p in parts), s_c])
     v_cat = torch.cat([*(p[2] for p in parts), v_c], dim=0)
     p_v = polar_with_singular_values(v_cat, exact=False)[0]
-    return s_cat.mean() * (torch.cat([p_tasks, u_c], dim=1) @ p_v)
+    # Both factors are orthonormal (condition number 1), so their m-row product loses nothing
+    # beyond the output's own float32 rounding when taken in the tensor's dtype (3× faster at 3072 × 768²).
+    left = torch.cat([p_tasks, u_c], dim=1).to(taus.dtype)
+    return s_cat.mean().to(taus.dtype) * (left @ p_v.to(taus.dtype))
 
 
 @register
