@@ -70,8 +70,9 @@ def _iso_cts_structured(taus: torch.Tensor, total: torch.Tensor, k: int, s: int)
       (``top_singular_outside``), without forming R.
 
     Float64 throughout but the last product of two orthonormal factors (the official code
-    projects and factors in float32), and more accurate than the direct route in float32. On the 12-block ViT-B/16 benchmark with 8 experts it took
-    one thread's CPU time from 115 to 93 s and the merge from 45.6 to 34 s (bench/RESULTS.md).
+    projects and factors in float32), and more accurate than the direct route in float32. On the
+    12-block ViT-B/16 benchmark with 8 experts it took one thread's CPU time from 115 to 93 s and
+    the merge from 45.6 to 34 s (bench/RESULTS.md).
     Returns None when the sum's rank is below k on a tall layer (then U_c is not orthonormal).
     """
     n_tasks, m, n = taus.shape
