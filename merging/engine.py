@@ -374,7 +374,7 @@ def merge(spec: MergeSpec | dict, progress: Callable[[ProgressEvent], Any] | Non
 
     emit("inspect", 0, 1, message="reading checkpoint headers")
     publisher = Publisher(spec.output.uri, cfg, spec.output.overwrite)
-    base = experts = None
+    base = experts = writer = None
     hasher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
     try:
         publisher.check_target()
@@ -541,7 +541,8 @@ def merge(spec: MergeSpec | dict, progress: Callable[[ProgressEvent], Any] | Non
             with open(os.path.join(publisher.staging, name), "wb") as f:
                 f.write(loc.read_all())
             names.append(name)
-        files = {n: {"sha256": sha256_file(os.path.join(publisher.staging, n), persist=False), "size": os.path.getsize(os.path.join(publisher.staging, n))} for n in names}
+        files = {n: {"sha256": writer.sha256.get(n) or sha256_file(os.path.join(publisher.staging, n), persist=False),
+                     "size": os.path.getsize(os.path.join(publisher.staging, n))} for n in names}
         inputs = []
         for ck, ref in zip([base, *experts], [spec.base, *spec.experts]):
             inputs.append({"name": ck.label, "uri": redact_uri(ref.uri), "revision": ref.revision, "format": ck.format,
@@ -580,6 +581,8 @@ def merge(spec: MergeSpec | dict, progress: Callable[[ProgressEvent], Any] | Non
             raise OutputError(f"I/O error while merging: {e}") from e
         raise
     finally:
+        if writer is not None:
+            writer.abort()  # closed already after a good merge; after a failure, stops hashing and closes the shards
         hasher.shutdown(wait=False, cancel_futures=True)
         for ck in [base, *(experts or [])]:
             if ck is not None:

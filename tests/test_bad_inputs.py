@@ -46,11 +46,29 @@ def _snapshot(d) -> dict[str, bytes]:
             for r, _, fs in os.walk(d) for f in fs}
 
 
+def _open_files() -> set[str]:
+    """What this process's descriptors point at (Linux), minus sockets and pipes: the S3 and HTTP
+    clients keep connections in pools."""
+    fd_dir = "/proc/self/fd"
+    out = set()
+    for fd in os.listdir(fd_dir):
+        try:
+            target = os.readlink(os.path.join(fd_dir, fd))
+        except OSError:
+            continue  # closed while listing (the listing's own descriptor)
+        if target.startswith("/"):
+            out.add(target)
+    return out
+
+
 def expect_failure(env, spec_dict, exc, *fragments, io=None, existing=None):
     """Run the merge; check the error class, that the message names every fragment, and that
-    the output location is as before (absent, or ``existing``'s snapshot) with no staging left."""
+    the output location is as before (absent, or ``existing``'s snapshot) with no staging left
+    and no file left open (an open output shard would keep its deleted staging file's space)."""
+    open_before = _open_files()
     with pytest.raises(exc) as ei:
         merging.merge(spec_dict, io=io or env.io)
+    assert _open_files() == open_before
     err = ei.value
     msg = str(err)
     assert isinstance(err, MergeError) and err.code and "\n" not in msg

@@ -192,3 +192,73 @@ def test_file_uris_in_and_out(checkpoints, tmp_path, spec):
     merging.merge(spec(uris[0], uris[1:], f"file://{out}/"), io=_cfg(tmp_path))
     assert sorted(os.listdir(out)) == ["README.md", "config.json", "diagnostics.json", "merge.json", "model.safetensors"]
     assert sorted(os.listdir(out.parent)) == ["out"]
+
+
+# ---- the output shards' digests, computed while the tensors land --------------------------------
+
+def _writer_entries():
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"layers.{i}.weight": torch.randn(64 + i, 48, generator=g) for i in range(12)}
+    tensors.update({f"layers.{i}.bias": torch.randn(40, generator=g).to(torch.bfloat16) for i in range(12)})
+    tensors.update({"empty.a": torch.zeros(0, 5), "empty.b": torch.zeros(3, 0, dtype=torch.int64), "step": torch.tensor(7)})
+    return tensors
+
+
+@pytest.mark.parametrize("shard_size, order", [(1 << 30, "shuffled"), (30_000, "shuffled"), (30_000, "reversed"),
+                                               (30_000, "layout")])
+def test_writer_digests_equal_the_files_whatever_the_write_order(tmp_path, shard_size, order):
+    """The digests are fed in file order from writes in any order: shuffled and reversed writes
+    leave gaps that later writes close, empty tensors share an offset with the next one."""
+    from merging.io.writer import ShardedWriter, natural_key
+    tensors = _writer_entries()
+    writer = ShardedWriter(str(tmp_path), [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()], shard_size)
+    keys = sorted(tensors, key=natural_key)
+    if order == "shuffled":
+        keys = [keys[i] for i in torch.randperm(len(keys), generator=torch.Generator().manual_seed(1)).tolist()]
+    elif order == "reversed":
+        keys.reverse()
+    for k in keys:
+        writer.write(k, tensors[k])
+    names = writer.close()
+    shards = [n for n in names if n.endswith(".safetensors")]
+    assert (len(shards) > 1) == (shard_size < 1 << 20)
+    assert set(writer.sha256) == set(shards)
+    for name in shards:
+        assert writer.sha256[name] == hashlib.sha256(_bytes(tmp_path, name)).hexdigest(), name
+    assert {k: v for k, v in _read_model(tmp_path).items()}.keys() == tensors.keys()
+    for k, v in _read_model(tmp_path).items():
+        assert torch.equal(v, tensors[k]), k
+
+
+def test_writer_refuses_a_second_write_and_aborts_cleanly(tmp_path):
+    from merging.errors import OutputError
+    from merging.io.writer import ShardedWriter
+    tensors = _writer_entries()
+    writer = ShardedWriter(str(tmp_path), [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()], 30_000)
+    writer.write("layers.0.weight", tensors["layers.0.weight"])
+    with pytest.raises(OutputError, match="'layers.0.weight' written twice"):
+        writer.write("layers.0.weight", tensors["layers.0.weight"])
+    with pytest.raises(OutputError, match="never written"):
+        writer.close()
+    assert writer.sha256 == {}
+    writer.abort()  # idempotent: the descriptors are closed once
+
+
+def test_shard_digest_hashes_what_no_write_reported(tmp_path):
+    """The digest is of the file, not of the reported ranges: bytes no write reported (a gap
+    in the layout, a range lost) are hashed when the digest is finished."""
+    import concurrent.futures
+    import threading
+    from merging.io.writer import _ShardDigest
+    data = bytes(range(256)) * 40
+    path = tmp_path / "shard"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            digest = _ShardDigest(fd, data[:16], pool, threading.Event())
+            digest.wrote(16, 1000)
+            digest.wrote(3000, 5000)  # [1000, 3000) and the end are never reported
+            assert digest.finish(len(data)) == hashlib.sha256(data).hexdigest()
+    finally:
+        os.close(fd)

@@ -8,15 +8,23 @@ The layout (which shard holds a tensor, and where) depends only on the output te
 dtypes and shapes, in natural key order (``layers.2`` before ``layers.10``), not on the order
 the engine produces them in or on how the inputs were sharded: the same merge gives
 byte-identical files.
+
+Each shard's SHA-256 (for ``merge.json``) is computed while the merge runs: bytes are hashed as
+soon as the file is complete up to them, read back from the page cache on a background thread.
+A second pass over the output after the merge cost 0.8 s per GB on the critical path (11 s for a
+7B model in fp16); now only the part written last is left to hash when the writer closes.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import hashlib
 import json
 import math
 import os
 import posixpath
 import re
 import shutil
+import threading
 import uuid
 
 import torch
@@ -29,6 +37,51 @@ from merging.io.sources import WRITABLE_SCHEMES, IOConfig, Location, copy_local_
 def natural_key(key: str) -> tuple:
     """Sort key that orders embedded numbers by value: ``layers.2`` < ``layers.10``."""
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", key) if p)
+
+
+class _ShardDigest:
+    """SHA-256 of one shard, fed in file order while tensors land in any order.
+
+    ``written`` records each finished byte range; the contiguous prefix past ``frontier`` is
+    handed to the hashing thread, which reads it back with ``pread`` (the writes are plain
+    ``pwrite``s, so nothing sits in a user-space buffer). ``finish`` hashes whatever is left, so
+    the digest never depends on the ranges being contiguous or complete: only on the file."""
+
+    CHUNK = 1 << 22
+
+    def __init__(self, fd: int, header: bytes, hasher: concurrent.futures.Executor, stop: threading.Event):
+        self.fd, self.hasher, self.stop = fd, hasher, stop
+        self.sha = hashlib.sha256(header)
+        self.frontier = len(header)  # bytes [0, frontier) are hashed or queued for hashing
+        self.written: dict[int, int] = {}  # start -> end of finished ranges past the frontier
+        self.queued: list[concurrent.futures.Future] = []
+
+    def _hash(self, start: int, end: int) -> None:
+        while start < end and not self.stop.is_set():
+            chunk = os.pread(self.fd, min(self.CHUNK, end - start), start)
+            if not chunk:
+                raise OutputError(f"internal: shard is shorter than its layout (read at byte {start})")
+            self.sha.update(chunk)
+            start += len(chunk)
+
+    def wrote(self, start: int, end: int) -> None:
+        if end <= start:
+            return  # an empty tensor adds no bytes (and may share its offset with the next tensor)
+        self.written[start] = end
+        begin = self.frontier
+        while self.frontier in self.written:
+            self.frontier = self.written.pop(self.frontier)
+        if self.frontier > begin:  # one thread, so ranges are hashed in the order they are queued
+            self.queued.append(self.hasher.submit(self._hash, begin, self.frontier))
+
+    def finish(self, size: int) -> str:
+        for fut in self.queued:
+            fut.result()
+        if self.stop.is_set():
+            raise OutputError("internal: the shard digest was asked for after the writer was aborted")
+        self._hash(self.frontier, size)  # the tail not yet complete when it was written (or never queued)
+        self.frontier = size
+        return self.sha.hexdigest()
 
 
 class ShardedWriter:
@@ -50,16 +103,23 @@ class ShardedWriter:
         n = len(shards)
         self.filenames = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self.location: dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]] = {}  # key -> (shard, offset, dtype, shape)
-        self._files = []
+        self._fds: list[int] = []
+        self._sizes: list[int] = []
+        self._digests: list[_ShardDigest] = []
+        self._hasher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256-out")
+        self._stop = threading.Event()
+        self.sha256: dict[str, str] = {}  # file name -> digest, filled by close()
         self.total_size = 0
         try:
             for i, (name, shard) in enumerate(zip(self.filenames, shards)):
                 header, offsets = build_header(shard, metadata)
-                f = open(os.path.join(directory, name), "w+b")
-                self._files.append(f)
-                f.write(header)
+                fd = os.open(os.path.join(directory, name), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+                self._fds.append(fd)
+                _pwrite_all(fd, memoryview(header), 0)
                 data = sum(math.prod(s) * d.itemsize for _, d, s in shard)
-                f.truncate(len(header) + data)
+                os.ftruncate(fd, len(header) + data)
+                self._sizes.append(len(header) + data)
+                self._digests.append(_ShardDigest(fd, header, self._hasher, self._stop))
                 self.total_size += data
                 for key, dtype, shape in shard:
                     self.location[key] = (i, offsets[key], dtype, shape)
@@ -72,20 +132,27 @@ class ShardedWriter:
         shard, offset, dtype, shape = self.location[key]
         if tuple(tensor.shape) != shape:
             raise OutputError(f"internal: tensor {key!r} has shape {list(tensor.shape)}, planned {list(shape)}")
+        if key in self.written:
+            raise OutputError(f"internal: tensor {key!r} written twice")  # its bytes may be hashed already
         t = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
-        f = self._files[shard]
-        f.seek(offset)
-        if t.numel():
-            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        nbytes = t.numel() * t.element_size()
+        if nbytes:
+            _pwrite_all(self._fds[shard], memoryview(t.reshape(-1).view(torch.uint8).numpy()), offset)
         self.written.add(key)
+        self._digests[shard].wrote(offset, offset + nbytes)
 
     def close(self) -> list[str]:
-        """Close all shards; write the index for sharded output. Returns the file names written."""
+        """Close all shards; write the index for sharded output. Returns the file names written;
+        ``sha256`` then holds each shard's digest."""
         missing = [k for k in self.location if k not in self.written]
-        for f in self._files:
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
+        try:
+            if not missing:
+                for name, digest, size in zip(self.filenames, self._digests, self._sizes):
+                    self.sha256[name] = digest.finish(size)
+            for fd in self._fds:
+                os.fsync(fd)
+        finally:
+            self.abort()
         if missing:
             raise OutputError(f"internal: {len(missing)} planned tensors were never written, e.g. {missing[0]!r}")
         names = list(self.filenames)
@@ -98,9 +165,19 @@ class ShardedWriter:
         return names
 
     def abort(self) -> None:
-        for f in self._files:
-            if not f.closed:
-                f.close()
+        """Stop hashing and close the files (idempotent)."""
+        self._stop.set()  # a range being hashed stops at its next chunk
+        self._hasher.shutdown(wait=True, cancel_futures=True)  # no read of a closed descriptor
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """``os.pwrite`` until every byte is written (it may write fewer in one call)."""
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
 
 
 class Publisher:
