@@ -10,7 +10,10 @@ command (interpreter start, imports, reading, merging, writing the output); peak
 child's ``ru_maxrss`` from ``os.wait4``. Before each run the script waits (up to --max-wait s)
 until the machine is idle, and it records the CPU time other processes used during the run
 ("bg", in cores) so contended runs are visible. The repeats are interleaved (all jobs once,
-then all again) and the table shows medians.
+then all again) and the table shows medians. With --warm-inputs, every input file of a run is
+read once just before it starts (outside the timed window, for both implementations): this VM
+keeps little in its page cache (FusionBench's 4.5 GB runs push our inputs out), and reading the
+3.1 GB of the 12-block inputs from its virtual disk adds ~3 s to whichever run comes next.
 
 Configurations (data from ``bench/make_synthetic.py``, generated when missing):
   b12_T8  12 blocks x 8 experts (main; every method, FusionBench TSV-M / Iso-C / Iso-CTS)
@@ -113,6 +116,23 @@ def wait_quiet(threshold: float, max_wait: float) -> float:
 
 
 # --------------------------------------------------------------------------------------- running
+def warm_inputs(cfg: str, calibration: bool) -> float:
+    """Read every input file of a run on ``cfg`` (base, experts, calibration if used) so that it
+    starts with them in the page cache; returns the seconds it took."""
+    blocks, T = CONFIGS[cfg]
+    data = make_synthetic.config_dir(blocks, 0)
+    names = ["base.safetensors", *(f"expert{t}.safetensors" for t in range(T))]
+    if calibration:
+        names += [os.path.join("calib", f"expert{t}.safetensors") for t in range(T)]
+    t0 = time.perf_counter()
+    buf = bytearray(8 << 20)
+    for name in names:
+        with open(os.path.join(data, name), "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+    return time.perf_counter() - t0
+
+
 def measure(cmd: list[str], log_path: str, env: dict | None = None) -> dict:
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     with open(log_path, "w") as log:
@@ -314,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engine", choices=["head", "worktree"], default="head",
                     help="benchmark merging/ as committed at HEAD (a snapshot, default) or the live working tree")
     ap.add_argument("--no-fusionbench", action="store_true")
+    ap.add_argument("--warm-inputs", action="store_true",
+                    help="read each run's input files just before it starts (page cache warm for both implementations)")
     ap.add_argument("--quiet-threshold", type=float, default=0.3, help="cores other processes may use before a run starts")
     ap.add_argument("--max-wait", type=float, default=120, help="seconds to wait for an idle machine before each run")
     ap.add_argument("--profile", action="store_true", help="also run each of our methods once under cProfile (not timed)")
@@ -369,10 +391,13 @@ def main(argv: list[str] | None = None) -> int:
             if first and first[0]["wall_s"] > args.long_run_s:
                 continue
             quiet = wait_quiet(args.quiet_threshold, args.max_wait)
+            warm_s = warm_inputs(cfg, bool(job and job["calibration"])) if args.warm_inputs else None
             rev = ("head:" + os.path.basename(ENGINE_DIR)) if ENGINE_DIR else engine_rev()
             r = run_ours(job, cfg, rep, options=args.options) if impl == "ours" else run_fb(label, cfg, rep)
             r["engine_rev"] = rev
             r["load_before"] = round(quiet, 2)
+            if warm_s is not None:
+                r["warm_inputs_s"] = round(warm_s, 2)
             runs.setdefault(cfg, {}).setdefault(impl, {}).setdefault(label, []).append(r)
             done += 1
             status = "ok" if r["rc"] == 0 else f"FAILED ({(r.get('child') or {}).get('error_type') or r.get('error', '')[:80]})"
@@ -380,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['wall_s']:8.2f}s {r['peak_rss_mb']:8.0f} MB bg={r['bg_cores']:.2f} {status}", flush=True)
 
     results = {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-               "git": git_state(), "engine": engine_desc, "options": json.loads(args.options),
+               "git": git_state(), "engine": engine_desc, "options": json.loads(args.options), "warm_inputs": args.warm_inputs,
                "command": " ".join([os.path.relpath(sys.executable, REPO), "bench/run_bench.py", *(argv if argv is not None else sys.argv[1:])]),
                "configs": {c: {"blocks": CONFIGS[c][0], "experts": CONFIGS[c][1],
                                "data": os.path.relpath(make_synthetic.config_dir(CONFIGS[c][0], 0), REPO)} for c in configs},
