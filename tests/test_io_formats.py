@@ -225,8 +225,9 @@ def test_writer_digests_equal_the_files_whatever_the_write_order(tmp_path, shard
     assert set(writer.sha256) == set(shards)
     for name in shards:
         assert writer.sha256[name] == hashlib.sha256(_bytes(tmp_path, name)).hexdigest(), name
-    assert {k: v for k, v in _read_model(tmp_path).items()}.keys() == tensors.keys()
-    for k, v in _read_model(tmp_path).items():
+    read = _read_model(tmp_path)
+    assert read.keys() == tensors.keys()
+    for k, v in read.items():
         assert torch.equal(v, tensors[k]), k
 
 
