@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from merging import __version__
+from merging import __version__, heap
 from merging.errors import CancelledError, IncompatibleCheckpointsError, MergeError, NonFiniteInputError, OutputError, SpecError
 from merging.io.checkpoint import Checkpoint, open_checkpoint
 from merging.io.hashing import sha256_file
@@ -393,7 +393,7 @@ def merge(spec: MergeSpec | dict, progress: Callable[[ProgressEvent], Any] | Non
         writer = ShardedWriter(publisher.staging, [(p.key, p.out_dtype, p.shape) for p in plan], spec.output.shard_size)
         largest_taus = max((len(experts) * math.prod(p.shape) * dtype.itemsize for p in merged_items), default=0)
         loader = _Loader(base, experts, device, dtype, spec.options.check_finite, largest_taus)
-        with torch.no_grad():
+        with torch.no_grad(), heap.unmap_freed_arrays(method.unmap_freed_arrays):
             for p_index in range(method.prepasses):
                 t = time.perf_counter()
                 for i, item in enumerate(merged_items):

@@ -10,7 +10,7 @@
 ctypes releases the GIL for the call, so merge workers run them in parallel (SciPy's wrappers of
 the same routines hold it). Each call uses as many threads as torch does in the calling thread:
 one in the engine's worker pool (parallelism comes from merging one tensor per core), all cores
-when the engine merges on the main thread alone (ESM). Everything here is optional:
+when the engine merges on the main thread alone (`options.workers: 1`). Everything here is optional:
 ``available()`` is False when the wheel is missing or its symbols differ, and ``merging.linalg``
 then uses torch alone.
 """

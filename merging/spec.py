@@ -99,8 +99,8 @@ class RunOptions(_Strict):
         "Tensors merged concurrently on CPU, each with one torch thread. Default: one per CPU core this "
         "process may use, at most 8 (LAPACK's eigensolvers scale poorly across threads; whole tensors "
         "in parallel do), fewer when the largest tensor's job (T + 1 copies, ~3x with working copies) "
-        "would put the jobs in flight over a quarter of the memory; 1 for esm, whose float64 work arrays "
-        "are large. 1: one tensor at a time with torch's own threads. Ignored on CUDA."))
+        "would put the jobs in flight over a quarter of the memory. 1: one tensor at a time with torch's "
+        "own threads. Ignored on CUDA."))
 
 
 EVALUATORS = ("text_zero_shot", "sequence_classification")

@@ -67,6 +67,10 @@ class MergeMethod:
     # Default cap on options.workers (None: one per core). A method whose per-tensor working memory
     # is large sets it, so the default stays inside the memory target; an explicit options.workers wins.
     default_max_workers: ClassVar[int | None] = None
+    # Whether the merge should run with every freed work array of 1 MB or more given back to the
+    # system at once (merging/heap.py): for methods that allocate many large float64 temporaries
+    # per tensor, where glibc's heap would otherwise hold several times what is in use.
+    unmap_freed_arrays: ClassVar[bool] = False
     # How params.alpha = "auto" searches α (merging/alpha.py); None: the method has no α to search.
     alpha_search: ClassVar["AlphaSearch | None"] = None
     # Other parameters that accept "auto": chosen on validation data by the evaluation pipeline
