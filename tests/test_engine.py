@@ -243,6 +243,32 @@ def test_a_small_tensor_queued_behind_a_large_one_does_not_idle_a_worker(tmp_pat
     merging.merge({**spec, "output": {"uri": str(tmp_path / "out")}, "options": {"diagnostics": "off", "workers": 2, "device": "cpu"}})
     assert len(calls) == 2 and len(set(calls)) == 2, calls
 
+def test_a_job_that_finishes_early_frees_its_place_while_a_longer_one_runs(tmp_path, monkeypatch):
+    """Three equal matrices, 2 workers (a window of two): the third must start as soon as the
+    second finishes, while the first is still running. Storing results in plan order kept the
+    finished second job in the window until the first was done, and this merge would time out."""
+    import threading
+
+    from merging.methods import tsv_m
+    spec = _matrix_ckpts(tmp_path, {f"m{i}.weight": (48, 32) for i in range(3)} | {"m0.bias": (48,)})
+    third_started = threading.Event()
+    calls = []
+    original = tsv_m.tsv_merge_matrix
+
+    def merge_matrix(taus):
+        calls.append(threading.current_thread().name)
+        if len(calls) == 1:
+            assert third_started.wait(20), "the third matrix never started while the first ran"
+        elif len(calls) == 3:
+            third_started.set()
+        return original(taus)
+    monkeypatch.setattr(tsv_m, "tsv_merge_matrix", merge_matrix)
+    res = merging.merge({**spec, "output": {"uri": str(tmp_path / "out")}, "options": {"diagnostics": "off", "workers": 2, "device": "cpu"}})
+    assert len(calls) == 3
+    # The manifest lists the tensors in plan order whatever order they finished in.
+    assert [r["key"] for r in res.manifest["tensors"]] == ["m0.bias", "m0.weight", "m1.weight", "m2.weight"]
+
+
 
 def test_workers_do_not_change_the_result(tmp_path):
     spec = _matrix_ckpts(tmp_path, {f"l{i}.weight": (40, 24) for i in range(5)} | {f"l{i}.bias": (40,) for i in range(5)}, 3)
@@ -254,6 +280,46 @@ def test_workers_do_not_change_the_result(tmp_path):
     for other in outs[1:]:
         assert other.keys() == outs[0].keys()
         assert all(torch.equal(other[k], outs[0][k]) for k in outs[0])
+
+
+def test_esm_layers_finishing_out_of_order_give_the_one_worker_result(tmp_path, monkeypatch):
+    """ESM's inter-layer scaling averages the norms of a group's layers: with the first layer
+    held back so it finishes last, several workers must still give the bytes one worker gives."""
+    import time
+
+    from merging.methods.esm import Esm
+    original = Esm._esd_merge
+
+    def esd_merge(self, job):
+        if job.key.startswith("blocks.0.") and job.key.endswith("c_fc.weight"):
+            time.sleep(0.3)
+        return original(self, job)
+    monkeypatch.setattr(Esm, "_esd_merge", esd_merge)
+    orders = []
+    original_factors = Esm.group_factors
+
+    def group_factors(self, norms):
+        orders.append([list(group) for group in norms.values()])
+        return original_factors(self, norms)
+    monkeypatch.setattr(Esm, "group_factors", group_factors)
+    torch.manual_seed(1)
+    keys = {f"blocks.{i}.mlp.c_fc.weight": (16, 4) for i in range(6)} | {f"blocks.{i}.mlp.c_fc.bias": (16,) for i in range(6)}
+    save_file({k: torch.zeros(s) for k, s in keys.items()}, str(tmp_path / "base.safetensors"))
+    experts = []
+    for t in range(2):
+        save_file({k: (1 + k.count("3")) * torch.randn(s) for k, s in keys.items()}, str(tmp_path / f"e{t}.safetensors"))
+        save_file({k: torch.randn(30, 4) for k in keys if k.endswith("weight")}, str(tmp_path / f"c{t}.safetensors"))
+        experts.append({"uri": str(tmp_path / f"e{t}.safetensors"), "calibration": {"uri": str(tmp_path / f"c{t}.safetensors")}})
+    outs, manifests = [], []
+    for w in (1, 3):
+        res = merging.merge({"method": "esm", "base": {"uri": str(tmp_path / "base.safetensors")}, "experts": experts,
+                             "output": {"uri": str(tmp_path / f"out{w}")}, "options": {"diagnostics": "off", "workers": w, "device": "cpu"}})
+        outs.append(load_file(str(tmp_path / f"out{w}" / "model.safetensors")))
+        manifests.append([(r["key"], r.get("group")) for r in res.manifest["tensors"]])
+    assert manifests[0] == manifests[1]
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in keys)
+    # The group means are summed in plan order (a float sum's rounding depends on the order).
+    assert orders == [[[f"blocks.{i}.mlp.c_fc.weight" for i in range(6)]]] * 2
 
 
 def test_default_workers_shrink_when_the_jobs_would_not_fit_in_memory(monkeypatch):
