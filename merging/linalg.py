@@ -12,6 +12,8 @@ No randomised approximations. Two precision regimes, chosen by the dtype of the 
   (a float32 Gram loses the noise-bulk singular vectors: 7e-2 error on the golden TSV-M case).
   Only the last, m-row product of a polar factor runs in float32, and only for well-conditioned
   inputs, where its rounding is no larger than a float32 SVD's (``FLOAT32_PRODUCT_MAX_COND``).
+  The few directions whose Gram eigenvalue is below the Gram's own rounding (singular values
+  under 1e-4 of the largest) are orthogonalised apart, from the matrix itself (``_polar_split``).
 
 The symmetric eigensolvers (syevd, syevr) also do not suffer from gesdd's convergence failures
 on clustered singular values (the FusionBench Iso-CTS crash), and ``svd`` falls back to them
@@ -177,10 +179,25 @@ def polar_times(m: torch.Tensor, y: torch.Tensor, exact: bool | None = None) -> 
 FLOAT32_PRODUCT_MAX_COND = 256.0
 
 
+# The Gram matrix's eigendecomposition is accurate for the directions whose eigenvalue is well
+# above its rounding, eps64 · λmax: a direction with eigenvalue λ ≥ 1e-8 λmax (singular value
+# ≥ 1e-4 σmax) has its polar column right to ~eps64 · λmax / λ ≤ 2e-8. Below that the eigenvalue
+# itself may be off by its own size (ESM's concatenated eigenbases reach cond 3.6e7, where the
+# smallest eigenvalue, 4.4e-14 λmax, is 30 % off and x w / σ was off by 7e-5 in the result), so
+# those few directions are handled by ``_polar_split``.
+SMALL_GRAM_EIGENVALUE = 1e-8
+
+
 def _polar_gram(x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(polar(x) [@ y], singular values)`` of a tall ``x`` via the float64 eigendecomposition of
     ``xᵀx``: polar(x) = x (xᵀx)^{-1/2}. Results in float64, except that a float32 ``x`` with
     cond(x) ≤ ``FLOAT32_PRODUCT_MAX_COND`` gets its final m-row product (and result) in float32."""
+    if x.ndim > 2:  # one matrix at a time (each has its own small directions)
+        xs = x.reshape(-1, *x.shape[-2:])
+        ys = [None] * len(xs) if y is None else y.expand(*x.shape[:-2], *y.shape[-2:]).reshape(-1, *y.shape[-2:])
+        parts = [_polar_gram(a, b) for a, b in zip(xs, ys)]
+        return (torch.stack([p.double() for p, _ in parts]).reshape(*x.shape[:-2], *parts[0][0].shape),
+                torch.stack([sv for _, sv in parts]).reshape(*x.shape[:-2], -1))
     x_in = x
     x = x.to(torch.float64)
     g, upper = _gram_triangle(x)
@@ -190,12 +207,13 @@ def _polar_gram(x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, 
         return _polar_by_svd(x, y)
     del g  # (its memory may hold w now)
     sv2 = evals.clamp_min(0)
-    smax = sv2.max().sqrt() if sv2.numel() else torch.tensor(0.0, dtype=x.dtype)
-    # Condition guard: eigh of the Gram matrix squares the condition number. When the smallest
-    # singular value is tiny relative to the largest, the inverse square root is inaccurate,
-    # so use the SVD there (it is exact for any rank, with sign/rotation freedom only in the null space).
-    if sv2.numel() == 0 or smax == 0 or sv2.min().sqrt() < 1e-6 * smax:
+    if sv2.numel() == 0 or sv2[-1] == 0:
         return _polar_by_svd(x, y)
+    n_small = int((sv2 < SMALL_GRAM_EIGENVALUE * sv2[-1]).sum())  # ascending: the first n_small
+    if n_small > max(1, sv2.numel() // 8):  # many: one SVD costs less than projecting them all
+        return _polar_by_svd(x, y)
+    if n_small:
+        return _polar_split(x, y, sv2, w, n_small)
     s = sv2.sqrt().flip(-1)
     if y is None:  # (xᵀx)^{-1/2} = W Λ^{-1/2} Wᵀ, as the Gram of Λ^{-1/4} Wᵀ: syrk, half a matmul's flops
         right = gram((w * sv2.rsqrt().sqrt().unsqueeze(-2)).mT)
@@ -203,9 +221,31 @@ def _polar_gram(x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, 
         z = w.mT @ y.to(torch.float64)
         z *= sv2.rsqrt().unsqueeze(-1)
         right = w @ z
-    if x_in.dtype == torch.float32 and smax * smax <= FLOAT32_PRODUCT_MAX_COND ** 2 * sv2.min():
+    if x_in.dtype == torch.float32 and sv2[-1] <= FLOAT32_PRODUCT_MAX_COND ** 2 * sv2[0]:
         return x_in @ right.to(torch.float32), s
     return x @ right, s
+
+
+def _polar_split(x: torch.Tensor, y: torch.Tensor | None, sv2: torch.Tensor, w: torch.Tensor,
+                 k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_polar_gram`` when the ``k`` smallest Gram eigenvalues are below ``SMALL_GRAM_EIGENVALUE``
+    of the largest. polar(x) = P_b W_bᵀ + polar(Y_s) W_sᵀ: the accurate directions as usual
+    (P_b = x W_b Λ_b^{-1/2}), and for the small ones Y_s = (I − P_b P_bᵀ) x W_s, the part of
+    x W_s that the accurate directions do not explain, formed from x itself (not from the Gram
+    matrix, whose rounding is the trouble) and factored by a thin SVD (m × k), which is exact for
+    any conditioning within the block and any rank. O(m n k) work instead of a full SVD
+    (a 3072² float64 SVD took 13–15 s, twice the eigendecomposition)."""
+    w_s, w_b = w[:, :k], w[:, k:]
+    inv_b = sv2[k:].rsqrt()
+    v = x @ w_s
+    coef = (w_b.mT @ (x.mT @ v)) * inv_b.square().unsqueeze(-1)  # Λ_b^{-1} W_bᵀ xᵀ v = Λ_b^{-1/2} P_bᵀ v
+    u_s, s_small, vh_s = svd(v - x @ (w_b @ coef))
+    q_s = u_s @ vh_s  # polar(Y_s)
+    s = torch.cat([sv2[k:].sqrt().flip(-1), s_small]).sort(descending=True).values
+    if y is None:
+        return x @ gram((w_b * inv_b.sqrt().unsqueeze(-2)).mT) + q_s @ w_s.mT, s
+    y = y.to(torch.float64)
+    return x @ (w_b @ ((w_b.mT @ y) * inv_b.unsqueeze(-1))) + q_s @ (w_s.mT @ y), s
 
 
 def _polar_by_svd(x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

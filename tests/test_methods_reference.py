@@ -225,6 +225,35 @@ def test_polar_of_float32_inputs_keeps_float64_accuracy_when_ill_conditioned(sha
         assert (got.double() - ref).norm() / ref.norm() < bound
 
 
+@pytest.mark.parametrize("shape", [(400, 120), (120, 400), (150, 150)])
+def test_polar_with_a_few_tiny_singular_values_stays_exact_without_a_full_svd(shape, monkeypatch):
+    """Three singular values at 1e-7..1e-8 of the largest (cond 1e8, like ESM's concatenated
+    eigenbases, which reach 3.6e7): their Gram eigenvalues are below the Gram's rounding, so
+    x w / σ is off by 6e-2 here. The Gram route handles those directions apart
+    (``_polar_split``) and must match the float64 SVD without falling back to it."""
+    from merging import linalg
+
+    def no_svd(*a):
+        raise AssertionError("fell back to the full SVD")
+    monkeypatch.setattr(linalg, "_polar_by_svd", no_svd)
+    torch.manual_seed(5)
+    m, n = shape
+    r = min(m, n)
+    u = torch.linalg.qr(torch.randn(m, r, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(n, r, dtype=torch.float64))[0]
+    sv = torch.cat([torch.logspace(0, -3, r - 3, dtype=torch.float64), torch.tensor([1e-7, 3e-8, 1e-8], dtype=torch.float64)])
+    x = (u * sv) @ v.mT
+    uu, ss, vh = torch.linalg.svd(x, full_matrices=False)
+    want = uu @ vh
+    got, s = polar_with_singular_values(x, exact=False)
+    assert (got - want).norm() / want.norm() < 2e-8
+    assert ((s - ss).abs() / ss).max() < 2e-8  # the tiny ones too (from the block's own SVD)
+    if m >= n:
+        y = torch.randn(n, 7, dtype=torch.float64)
+        got_y, _ = polar_times(x, y, exact=False)
+        assert (got_y - want @ y).norm() / (want @ y).norm() < 2e-8
+
+
 @pytest.mark.parametrize("n_tokens", [500, 12])  # full-rank calibration Gram (Cholesky root) and singular (eigh root)
 @pytest.mark.parametrize("d_out,d_in", [(48, 16), (16, 48)])
 def test_esm_activation_eigenpairs_match_the_direct_covariance(n_tokens, d_out, d_in):
