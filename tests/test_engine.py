@@ -322,6 +322,41 @@ def test_esm_layers_finishing_out_of_order_give_the_one_worker_result(tmp_path, 
     assert orders == [[[f"blocks.{i}.mlp.c_fc.weight" for i in range(6)]]] * 2
 
 
+def test_esm_never_runs_two_of_its_widest_polar_factors_at_once(tmp_path, monkeypatch):
+    """The eigenbasis polar of ESM's widest layers is its memory peak: with 3 workers and two
+    wide layers, their polars must not overlap, while a narrower layer's may overlap one."""
+    import threading
+    import time
+
+    from merging.methods import esm
+    original = esm.polar_times
+    lock = threading.Lock()
+    running: list[int] = []
+    overlaps: list[tuple[int, ...]] = []
+
+    def polar_times(u, y, exact=None):
+        with lock:
+            running.append(u.shape[0])
+            overlaps.append(tuple(sorted(running)))
+        time.sleep(0.4)
+        with lock:
+            running.remove(u.shape[0])
+        return original(u, y, exact)
+    monkeypatch.setattr(esm, "polar_times", polar_times)
+    torch.manual_seed(2)
+    keys = {"blocks.0.mlp.c_fc.weight": (16, 4), "blocks.1.mlp.c_fc.weight": (16, 4), "blocks.0.attn.in_proj_weight": (12, 4)}
+    save_file({k: torch.zeros(s) for k, s in keys.items()}, str(tmp_path / "base.safetensors"))
+    experts = []
+    for t in range(2):
+        save_file({k: torch.randn(s) for k, s in keys.items()}, str(tmp_path / f"e{t}.safetensors"))
+        save_file({k: torch.randn(30, 4) for k in keys}, str(tmp_path / f"c{t}.safetensors"))
+        experts.append({"uri": str(tmp_path / f"e{t}.safetensors"), "calibration": {"uri": str(tmp_path / f"c{t}.safetensors")}})
+    merging.merge({"method": "esm", "base": {"uri": str(tmp_path / "base.safetensors")}, "experts": experts,
+                   "output": {"uri": str(tmp_path / "out")}, "options": {"diagnostics": "off", "workers": 3, "device": "cpu"}})
+    assert all(state.count(16) <= 1 for state in overlaps), overlaps
+    assert (12, 16) in overlaps, overlaps  # the narrower layer's polar ran beside a wide one
+
+
 def test_default_workers_shrink_when_the_jobs_would_not_fit_in_memory(monkeypatch):
     from merging import engine
     monkeypatch.setattr(engine, "default_workers", lambda: 8)

@@ -11,6 +11,9 @@ group of layers is rescaled by (‖τ_ℓ‖ / mean_ℓ ‖τ_ℓ‖)^p. α mult
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 from pydantic import Field
 
@@ -105,11 +108,16 @@ class Esm(MergeMethod):
     # Gram matrix, eigenvectors, LAPACK workspace), allocated and freed per task and per layer.
     # Left to glibc's heap, two workers' arrays took a 12-block ViT-B/16 merge to 1.50 GB peak
     # RSS; given back as they are freed, 1.10 GB, so ESM runs one worker per core like the others.
+    # The polar factor of the widest layers' eigenbasis is the peak (3072²: its Gram matrix,
+    # eigenvectors, LAPACK workspace and products, +0.45 GB of RSS each, measured): two workers
+    # never run two of those at once, while a smaller layer's may run beside one.
     unmap_freed_arrays = True
 
     def __init__(self, params: EsmParams, ctx: MergeContext):
         super().__init__(params, ctx)
         self.ill_posed: list[str] = []
+        self.largest_out: int | None = None  # the widest ESD layer's output size (set by check_plan)
+        self.largest_polar = threading.Lock()
 
     @staticmethod
     def is_esd(role: RoleInfo, shape: tuple[int, ...]) -> bool:
@@ -117,6 +125,8 @@ class Esm(MergeMethod):
 
     def check_plan(self, keys) -> None:
         needed = [(k, shape[0] if role.transposed else shape[1]) for k, role, shape in keys if self.is_esd(role, shape)]
+        self.largest_out = max((shape[1] if role.transposed else shape[0] for _, role, shape in keys if self.is_esd(role, shape)),
+                               default=None)
         if not needed:
             raise CalibrationError("esm: no layer has an ESD role (attention Q/K/V, MLP up/gate/down); "
                                    "check the key names or set roles in the spec")
@@ -178,5 +188,7 @@ class Esm(MergeMethod):
         exact = job.taus.dtype == torch.float64
         del u_blocks, v_blocks
         pv, sv = polar_with_singular_values(v_cat, exact)
-        pu_pv, su = polar_times(u_cat, pv, exact)  # polar(U) @ polar(V) without forming polar(U)
+        largest = self.largest_out is not None and d_out >= self.largest_out
+        with self.largest_polar if largest else contextlib.nullcontext():
+            pu_pv, su = polar_times(u_cat, pv, exact)  # polar(U) @ polar(V) without forming polar(U)
         return (self.params.final_factor * float(su.mean()) * float(sv.mean())) * pu_pv
