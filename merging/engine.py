@@ -486,8 +486,7 @@ def merge(spec: MergeSpec | dict, progress: Callable[[ProgressEvent], Any] | Non
                     pending[pool.submit(compute, item, base_t, job)] = (i, item)
                     in_flight += job_bytes[item.key]
                     del base_t, job
-                    if pending:
-                        store_finished(wait=False)
+                    store_finished(wait=False)
                     while pending and in_flight >= in_flight_budget:
                         store_finished(wait=True)
                 while pending:
