@@ -5,8 +5,8 @@ glibc serves an allocation from its heap when the allocation is below a threshol
 to the system only from the top of the heap, and every thread allocates from its own heap
 (arena). A merge that allocates and frees many 1–32 MB float64 work arrays from two worker
 threads therefore holds much more memory than it uses: ESM on the 12-block ViT-B/16 benchmark
-peaked at 1501 MB of RSS with two workers, and at 1103 MB with every array of 1 MB or more
-mapped on its own and unmapped when freed (and was no slower: 186 against 205 s). The same
+peaked at 1501 MB of RSS with two workers, and at 1103–1151 MB with every array of 1 MB or more
+mapped on its own and unmapped when freed (and was no slower: 186–196 against 205 s). The same
 setting costs the short-job methods (TSV-M, Iso-C) 5–10 % of their time in page faults for
 130–230 MB less memory they do not need, so only methods that ask for it get it
 (``MergeMethod.unmap_freed_arrays``).
