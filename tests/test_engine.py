@@ -109,6 +109,18 @@ def test_existing_output_is_refused_then_replaced_with_overwrite(ckpts):
     assert not [p for p in os.listdir(root) if ".old-" in p or ".partial-" in p]
 
 
+def _esm_spec(root, keys: dict[str, tuple[int, ...]], scale=lambda key: 1) -> dict:
+    """A zero base and two random experts (entries scaled by ``scale(key)``), each with 30 random
+    calibration inputs for every matrix key."""
+    save_file({k: torch.zeros(s) for k, s in keys.items()}, str(root / "base.safetensors"))
+    experts = []
+    for t in range(2):
+        save_file({k: scale(k) * torch.randn(s) for k, s in keys.items()}, str(root / f"e{t}.safetensors"))
+        save_file({k: torch.randn(30, s[1]) for k, s in keys.items() if len(s) == 2}, str(root / f"c{t}.safetensors"))
+        experts.append({"uri": str(root / f"e{t}.safetensors"), "calibration": {"uri": str(root / f"c{t}.safetensors")}})
+    return {"method": "esm", "base": {"uri": str(root / "base.safetensors")}, "experts": experts}
+
+
 def test_esm_spill_is_cleaned_up(tmp_path, monkeypatch):
     import threading
 
@@ -125,14 +137,7 @@ def test_esm_spill_is_cleaned_up(tmp_path, monkeypatch):
     monkeypatch.setattr(Esm, "_esd_merge", esd_merge)
     torch.manual_seed(0)
     keys = {f"blocks.{i}.mlp.c_fc.weight": (16, 4) for i in range(2)}
-    save_file({k: torch.zeros(s) for k, s in keys.items()}, str(tmp_path / "base.safetensors"))
-    experts = []
-    for t in range(2):
-        save_file({k: torch.randn(s) for k, s in keys.items()}, str(tmp_path / f"e{t}.safetensors"))
-        save_file({k: torch.randn(30, 4) for k in keys}, str(tmp_path / f"c{t}.safetensors"))
-        experts.append({"uri": str(tmp_path / f"e{t}.safetensors"), "calibration": {"uri": str(tmp_path / f"c{t}.safetensors")}})
-    res = merging.merge({"method": "esm", "base": {"uri": str(tmp_path / "base.safetensors")}, "experts": experts,
-                         "output": {"uri": str(tmp_path / "out")}})
+    res = merging.merge({**_esm_spec(tmp_path, keys), "output": {"uri": str(tmp_path / "out")}})
     assert sorted(os.listdir(tmp_path / "out")) == ["README.md", "diagnostics.json", "merge.json", "model.safetensors"]
     rows = {r["key"]: r for r in res.manifest["tensors"]}
     assert all(r["group"] == "mlp_up" for r in rows.values())
@@ -219,55 +224,48 @@ def _matrix_ckpts(root, keys, n_experts=2):
             "options": {"diagnostics": "off"}}
 
 
-def test_a_small_tensor_queued_behind_a_large_one_does_not_idle_a_worker(tmp_path, monkeypatch):
-    """With 2 workers, the second large matrix must start while the first is still running even
-    though a bias sits between them in plan order (a count-based window of 2 jobs waited on the
-    first matrix with the bias as the only other job, so the merge below would deadlock)."""
+def _first_matrix_waits_for_call(monkeypatch, n: int) -> list[str]:
+    """Make TSV-M's first matrix merge block until the n-th one has started (failing after 20 s);
+    returns the merging threads' names, one per call."""
     import threading
 
     from merging.methods import tsv_m
-    spec = _matrix_ckpts(tmp_path, {"a.weight": (48, 32), "b.bias": (48,), "c.weight": (48, 32)})
-    second_started = threading.Event()
-    calls = []
+    started = threading.Event()
+    calls: list[str] = []
     original = tsv_m.tsv_merge_matrix
 
     def merge_matrix(taus):
         calls.append(threading.current_thread().name)
         if len(calls) == 1:
-            assert second_started.wait(20), "the second matrix never started while the first ran"
-        else:
-            second_started.set()
+            assert started.wait(20), f"matrix {n} never started while the first ran"
+        elif len(calls) == n:
+            started.set()
         return original(taus)
     monkeypatch.setattr(tsv_m, "tsv_merge_matrix", merge_matrix)
+    return calls
+
+
+def test_a_small_tensor_queued_behind_a_large_one_does_not_idle_a_worker(tmp_path, monkeypatch):
+    """With 2 workers, the second large matrix must start while the first is still running even
+    though a bias sits between them in plan order (a count-based window of 2 jobs waited on the
+    first matrix with the bias as the only other job, so the merge below would deadlock)."""
+    spec = _matrix_ckpts(tmp_path, {"a.weight": (48, 32), "b.bias": (48,), "c.weight": (48, 32)})
+    calls = _first_matrix_waits_for_call(monkeypatch, 2)
     # The CPU engine's pool: on CUDA the engine runs one worker (one stream of kernels).
     merging.merge({**spec, "output": {"uri": str(tmp_path / "out")}, "options": {"diagnostics": "off", "workers": 2, "device": "cpu"}})
     assert len(calls) == 2 and len(set(calls)) == 2, calls
+
 
 def test_a_job_that_finishes_early_frees_its_place_while_a_longer_one_runs(tmp_path, monkeypatch):
     """Three equal matrices, 2 workers (a window of two): the third must start as soon as the
     second finishes, while the first is still running. Storing results in plan order kept the
     finished second job in the window until the first was done, and this merge would time out."""
-    import threading
-
-    from merging.methods import tsv_m
     spec = _matrix_ckpts(tmp_path, {f"m{i}.weight": (48, 32) for i in range(3)} | {"m0.bias": (48,)})
-    third_started = threading.Event()
-    calls = []
-    original = tsv_m.tsv_merge_matrix
-
-    def merge_matrix(taus):
-        calls.append(threading.current_thread().name)
-        if len(calls) == 1:
-            assert third_started.wait(20), "the third matrix never started while the first ran"
-        elif len(calls) == 3:
-            third_started.set()
-        return original(taus)
-    monkeypatch.setattr(tsv_m, "tsv_merge_matrix", merge_matrix)
+    calls = _first_matrix_waits_for_call(monkeypatch, 3)
     res = merging.merge({**spec, "output": {"uri": str(tmp_path / "out")}, "options": {"diagnostics": "off", "workers": 2, "device": "cpu"}})
     assert len(calls) == 3
     # The manifest lists the tensors in plan order whatever order they finished in.
     assert [r["key"] for r in res.manifest["tensors"]] == ["m0.bias", "m0.weight", "m1.weight", "m2.weight"]
-
 
 
 def test_workers_do_not_change_the_result(tmp_path):
@@ -304,16 +302,10 @@ def test_esm_layers_finishing_out_of_order_give_the_one_worker_result(tmp_path, 
     monkeypatch.setattr(Esm, "group_factors", group_factors)
     torch.manual_seed(1)
     keys = {f"blocks.{i}.mlp.c_fc.weight": (16, 4) for i in range(6)} | {f"blocks.{i}.mlp.c_fc.bias": (16,) for i in range(6)}
-    save_file({k: torch.zeros(s) for k, s in keys.items()}, str(tmp_path / "base.safetensors"))
-    experts = []
-    for t in range(2):
-        save_file({k: (1 + k.count("3")) * torch.randn(s) for k, s in keys.items()}, str(tmp_path / f"e{t}.safetensors"))
-        save_file({k: torch.randn(30, 4) for k in keys if k.endswith("weight")}, str(tmp_path / f"c{t}.safetensors"))
-        experts.append({"uri": str(tmp_path / f"e{t}.safetensors"), "calibration": {"uri": str(tmp_path / f"c{t}.safetensors")}})
+    spec = _esm_spec(tmp_path, keys, scale=lambda k: 1 + k.count("3"))
     outs, manifests = [], []
     for w in (1, 3):
-        res = merging.merge({"method": "esm", "base": {"uri": str(tmp_path / "base.safetensors")}, "experts": experts,
-                             "output": {"uri": str(tmp_path / f"out{w}")}, "options": {"diagnostics": "off", "workers": w, "device": "cpu"}})
+        res = merging.merge({**spec, "output": {"uri": str(tmp_path / f"out{w}")}, "options": {"diagnostics": "off", "workers": w, "device": "cpu"}})
         outs.append(load_file(str(tmp_path / f"out{w}" / "model.safetensors")))
         manifests.append([(r["key"], r.get("group")) for r in res.manifest["tensors"]])
     assert manifests[0] == manifests[1]
@@ -345,14 +337,7 @@ def test_esm_never_runs_two_of_its_widest_polar_factors_at_once(tmp_path, monkey
     monkeypatch.setattr(esm, "polar_times", polar_times)
     torch.manual_seed(2)
     keys = {"blocks.0.mlp.c_fc.weight": (16, 4), "blocks.1.mlp.c_fc.weight": (16, 4), "blocks.0.attn.in_proj_weight": (12, 4)}
-    save_file({k: torch.zeros(s) for k, s in keys.items()}, str(tmp_path / "base.safetensors"))
-    experts = []
-    for t in range(2):
-        save_file({k: torch.randn(s) for k, s in keys.items()}, str(tmp_path / f"e{t}.safetensors"))
-        save_file({k: torch.randn(30, 4) for k in keys}, str(tmp_path / f"c{t}.safetensors"))
-        experts.append({"uri": str(tmp_path / f"e{t}.safetensors"), "calibration": {"uri": str(tmp_path / f"c{t}.safetensors")}})
-    merging.merge({"method": "esm", "base": {"uri": str(tmp_path / "base.safetensors")}, "experts": experts,
-                   "output": {"uri": str(tmp_path / "out")}, "options": {"diagnostics": "off", "workers": 3, "device": "cpu"}})
+    merging.merge({**_esm_spec(tmp_path, keys), "output": {"uri": str(tmp_path / "out")}, "options": {"diagnostics": "off", "workers": 3, "device": "cpu"}})
     assert all(state.count(16) <= 1 for state in overlaps), overlaps
     assert (12, 16) in overlaps, overlaps  # the narrower layer's polar ran beside a wide one
 
@@ -364,7 +349,7 @@ def test_default_workers_shrink_when_the_jobs_would_not_fit_in_memory(monkeypatc
     assert engine.default_worker_count(None, 85 << 20) == 8  # ViT-B/16 fc job: many fit
     assert engine.default_worker_count(None, int(4.7 * (1 << 30))) == 1  # a 7B model's embedding × 9
     assert engine.default_worker_count(None, 1 << 30) == 5  # 16 GB / 3 GB
-    assert engine.default_worker_count(1, 85 << 20) == 1  # the method's cap (esm)
+    assert engine.default_worker_count(1, 85 << 20) == 1  # a method's cap (MergeMethod.default_max_workers)
     monkeypatch.setattr(engine, "memory_bytes", lambda: None)
     assert engine.default_worker_count(None, 1 << 40) == 8  # unknown memory: cores only
 

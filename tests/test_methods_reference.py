@@ -254,6 +254,24 @@ def test_polar_with_a_few_tiny_singular_values_stays_exact_without_a_full_svd(sh
         assert (got_y - want @ y).norm() / (want @ y).norm() < 2e-8
 
 
+def test_polar_of_a_batch_is_each_matrix_polar():
+    """Batched inputs go one matrix at a time: each has its own small directions (the first
+    matrix here has one, the second none) and its own float32-product decision."""
+    torch.manual_seed(8)
+    u = torch.linalg.qr(torch.randn(2, 60, 20, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(2, 20, 20, dtype=torch.float64))[0]
+    sv = torch.stack([torch.cat([torch.ones(19, dtype=torch.float64), torch.tensor([1e-6], dtype=torch.float64)]),
+                      torch.linspace(1, 0.5, 20, dtype=torch.float64)])
+    x = ((u * sv.unsqueeze(-2)) @ v.mT).float()
+    y = torch.randn(20, 5)
+    p, s = polar_with_singular_values(x)
+    p_y, _ = polar_times(x, y)
+    for i in range(2):
+        p_i, s_i = polar_with_singular_values(x[i])
+        assert torch.allclose(p[i], p_i, atol=1e-6) and torch.allclose(s[i], s_i)
+        assert torch.allclose(p_y[i], polar_times(x[i], y)[0], atol=1e-5)
+
+
 @pytest.mark.parametrize("n_tokens", [500, 12])  # full-rank calibration Gram (Cholesky root) and singular (eigh root)
 @pytest.mark.parametrize("d_out,d_in", [(48, 16), (16, 48)])
 def test_esm_activation_eigenpairs_match_the_direct_covariance(n_tokens, d_out, d_in):

@@ -124,9 +124,9 @@ class Esm(MergeMethod):
         return len(shape) == 2 and role.role in ESD_ROLES
 
     def check_plan(self, keys) -> None:
-        needed = [(k, shape[0] if role.transposed else shape[1]) for k, role, shape in keys if self.is_esd(role, shape)]
-        self.largest_out = max((shape[1] if role.transposed else shape[0] for _, role, shape in keys if self.is_esd(role, shape)),
-                               default=None)
+        esd = [(k, role, shape) for k, role, shape in keys if self.is_esd(role, shape)]
+        needed = [(k, shape[0] if role.transposed else shape[1]) for k, role, shape in esd]
+        self.largest_out = max((shape[1] if role.transposed else shape[0] for _, role, shape in esd), default=None)
         if not needed:
             raise CalibrationError("esm: no layer has an ESD role (attention Q/K/V, MLP up/gate/down); "
                                    "check the key names or set roles in the spec")
