@@ -5,7 +5,11 @@
 * ``syevr`` (MRRR) with an index range: the top-k eigenpairs of a symmetric matrix without
   computing the other n − k eigenvectors (torch has no partial eigensolver);
 * ``syevd``: every eigenpair, like ``torch.linalg.eigh``, which on this project's AMD EPYC VM is
-  slower through torch's MKL (3072²: 8.6 against 6.9 s on one thread, 4.5 against 3.8 s on two).
+  slower through torch's MKL (3072²: 8.6 against 6.9 s on one thread, 4.5 against 3.8 s on two);
+* ``sytrd``, ``stedc`` and ``ormtr``: syevd's three steps apart (reduce to tridiagonal form
+  Qᵀ A Q = T, eigenpairs of T, apply Q), so that a caller who needs only W·M or Wᵀ·M for a thin M
+  can apply the reflectors to M instead of forming the n × n W = Q Z (the last step is 40 % of
+  syevd at n = 3072, see ``merging.linalg._polar_gram``).
 
 ctypes releases the GIL for the call, so merge workers run them in parallel (SciPy's wrappers of
 the same routines hold it). Each call uses as many threads as torch does in the calling thread:
@@ -42,13 +46,14 @@ def _load():
 
 
 def _open():
-    """The library with its two routines typed, or None (escape hatch set, wheel missing, symbols differ)."""
+    """The library with its routines typed, or None (escape hatch set, wheel missing, symbols differ)."""
     if os.environ.get("SUBMERGE_NO_OPENBLAS"):  # escape hatch, and how the tests run the torch-only path
         return None
     try:
         import scipy_openblas32 as pkg
         lib = ctypes.CDLL(os.path.join(pkg.get_lib_dir(), pkg.get_library(fullname=True)))
         syrk, syevr, syevd = lib.scipy_cblas_dsyrk, lib.scipy_LAPACKE_dsyevr, lib.scipy_LAPACKE_dsyevd
+        sytrd, stedc, ormtr = lib.scipy_LAPACKE_dsytrd, lib.scipy_LAPACKE_dstedc, lib.scipy_LAPACKE_dormtr
         lib.scipy_openblas_set_num_threads(ctypes.c_int(1))
     except (ImportError, OSError, AttributeError, IndexError):
         return None
@@ -61,6 +66,12 @@ def _open():
     syevr.restype = i32
     syevd.argtypes = [ctypes.c_int, c, c, i32, dp, i32, dp]
     syevd.restype = i32
+    sytrd.argtypes = [ctypes.c_int, c, i32, dp, i32, dp, dp, dp]
+    sytrd.restype = i32
+    stedc.argtypes = [ctypes.c_int, c, i32, dp, dp, dp, i32]
+    stedc.restype = i32
+    ormtr.argtypes = [ctypes.c_int, c, c, c, i32, i32, dp, i32, dp, dp, i32]
+    ormtr.restype = i32
     return lib
 
 
@@ -149,3 +160,52 @@ def syevd(a: torch.Tensor, upper: bool = False, overwrite: bool = False) -> tupl
     if info != 0:
         raise EigenError(f"LAPACK dsyevd failed (info={info})")
     return w, work.mT  # column-major columns are our rows
+
+
+class Tridiagonal:
+    """A symmetric matrix reduced to tridiagonal form, A = Q T Qᵀ (``sytrd``), with Q kept as
+    its Householder reflectors: ``rotate_in(m)`` = Qᵀ m and ``rotate_out(m)`` = Q m for any
+    n × p ``m``, each 2n²p flops, against 2n³ to form Q (or W = Q Z) explicitly."""
+
+    def __init__(self, a: torch.Tensor, upper: bool = False, overwrite: bool = False):
+        n = a.shape[0]
+        # The reflectors stay in this array; LAPACK sees it column-major, so its triangles swap.
+        self._refl = a if overwrite and a.is_contiguous() else a.contiguous().clone()
+        self._uplo = b"L" if upper else b"U"
+        self.diagonal = torch.empty(n, dtype=torch.float64)
+        self.off_diagonal = torch.empty(max(n - 1, 1), dtype=torch.float64)
+        self._tau = torch.empty(max(n - 1, 1), dtype=torch.float64)
+        _match_threads()
+        info = _lib.scipy_LAPACKE_dsytrd(_COL_MAJOR, self._uplo, n, self._refl.data_ptr(), n, self.diagonal.data_ptr(),
+                                         self.off_diagonal.data_ptr(), self._tau.data_ptr())
+        if info != 0:
+            raise EigenError(f"LAPACK dsytrd failed (info={info})")
+
+    def eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every eigenpair of T (divide and conquer, ``stedc``), ascending: ``(evals (n,), Z (n, n))``
+        with eigenvectors as columns. A's eigenvectors are Q Z."""
+        n = self.diagonal.shape[0]
+        evals, e = self.diagonal.clone(), self.off_diagonal.clone()
+        z = torch.empty((n, n), dtype=torch.float64)
+        _match_threads()
+        info = _lib.scipy_LAPACKE_dstedc(_COL_MAJOR, b"I", n, evals.data_ptr(), e.data_ptr(), z.data_ptr(), n)
+        if info != 0:
+            raise EigenError(f"LAPACK dstedc failed (info={info})")
+        return evals, z.mT  # column-major columns are our rows
+
+    def rotate_in(self, m: torch.Tensor) -> torch.Tensor:
+        return self._apply(m, transpose=True)
+
+    def rotate_out(self, m: torch.Tensor) -> torch.Tensor:
+        return self._apply(m, transpose=False)
+
+    def _apply(self, m: torch.Tensor, transpose: bool) -> torch.Tensor:
+        n, p = m.shape
+        out = torch.empty((p, n), dtype=torch.float64)  # row-major (p, n) is column-major n × p;
+        out.copy_(m.mT)  # always a copy: ormtr overwrites it, and m may be a view of the caller's array
+        _match_threads()
+        info = _lib.scipy_LAPACKE_dormtr(_COL_MAJOR, b"L", self._uplo, b"T" if transpose else b"N", n, p,
+                                         self._refl.data_ptr(), n, self._tau.data_ptr(), out.data_ptr(), n)
+        if info != 0:
+            raise EigenError(f"LAPACK dormtr failed (info={info})")
+        return out.mT

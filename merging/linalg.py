@@ -19,14 +19,15 @@ The symmetric eigensolvers (syevd, syevr) also do not suffer from gesdd's conver
 on clustered singular values (the FusionBench Iso-CTS crash), and ``svd`` falls back to them
 when gesdd fails; an eigensolver failure in turn falls back to the SVD.
 
-Three routines come from ``merging.lapack`` (OpenBLAS through ctypes) when its library is
+Some routines come from ``merging.lapack`` (OpenBLAS through ctypes) when its library is
 installed; the results are the same to rounding without it. Two that torch does not expose: syrk
 for Gram matrices (``gram``: one triangle of xᵀx, half the flops of a matmul) and syevr (MRRR) for
 the top-k eigenpairs (``top_eigh``: only the k eigenvectors asked for, 2–4× faster than syevd at
 n = 768 for TSV-M's k = n/T and Iso-CTS's k ≈ n/(5T)); and OpenBLAS's syevd for every eigenpair
 (``eigh``, the polar factors), faster than torch's MKL build of it on AMD CPUs (0.10 vs 0.12 s at
-n = 768, 6.9 vs 8.6 s at 3072 on one thread). All are backward-stable like the torch routines
-they replace.
+n = 768, 6.9 vs 8.6 s at 3072 on one thread). A polar factor applied to a thin matrix (ESM) uses
+syevd's steps apart, to apply the reduction's reflectors to that matrix instead of forming the
+eigenvectors (``_gram_eigenbasis``). All are backward-stable like the torch routines they replace.
 """
 from __future__ import annotations
 
@@ -188,6 +189,38 @@ FLOAT32_PRODUCT_MAX_COND = 256.0
 SMALL_GRAM_EIGENVALUE = 1e-8
 
 
+class _Eigenbasis:
+    """The eigenvectors W of a Gram matrix, as W = rotate_out(z) with z (n × n) explicit: W itself
+    (``rotate_in``/``rotate_out`` are the identity), or the tridiagonal's eigenvectors Z with the
+    reduction's Householder reflectors Q (W = Q Z), which apply to a thin n × p matrix in 2n²p
+    flops instead of the 2n³ that forming W costs."""
+
+    def __init__(self, z: torch.Tensor, tridiagonal: lapack.Tridiagonal | None = None):
+        self.z = z
+        self._tri = tridiagonal
+
+    def rotate_in(self, m: torch.Tensor) -> torch.Tensor:  # Qᵀ m: then Wᵀ m = zᵀ (Qᵀ m)
+        return m if self._tri is None else self._tri.rotate_in(m)
+
+    def rotate_out(self, m: torch.Tensor) -> torch.Tensor:  # Q m: then W m = Q (z m)
+        return m if self._tri is None else self._tri.rotate_out(m)
+
+
+def _gram_eigenbasis(g: torch.Tensor, upper: bool, thin: int | None) -> tuple[torch.Tensor, _Eigenbasis]:
+    """Every eigenpair of the Gram matrix ``g`` (overwritten), ascending. With ``thin`` (the width
+    p of the only matrices W will multiply), W stays as reflectors times the tridiagonal's
+    eigenvectors when that costs less: applying Q to p columns twice (in and out) instead of
+    forming W once, worth it for p < n/2. ESM's 3072² eigenbasis times its 768-wide right factor:
+    sytrd 3.3 s + stedc 1.1 s + 2 × 0.8 s, against syevd's 7.6 s (whose last step forms W, 3.0 s)."""
+    n = g.shape[-1]
+    if thin is not None and 2 * thin < n and g.ndim == 2 and lapack.available(g):
+        tri = lapack.Tridiagonal(g, upper, overwrite=True)
+        evals, z = tri.eigh()
+        return evals, _Eigenbasis(z, tri)
+    evals, w = eigh(g, upper, overwrite=True)
+    return evals, _Eigenbasis(w)
+
+
 def _polar_gram(x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(polar(x) [@ y], singular values)`` of a tall ``x`` via the float64 eigendecomposition of
     ``xᵀx``: polar(x) = x (xᵀx)^{-1/2}. Results in float64, except that a float32 ``x`` with
@@ -202,10 +235,10 @@ def _polar_gram(x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, 
     x = x.to(torch.float64)
     g, upper = _gram_triangle(x)
     try:
-        evals, w = eigh(g, upper, overwrite=True)
+        evals, basis = _gram_eigenbasis(g, upper, None if y is None else y.shape[-1])
     except RuntimeError:  # LAPACK non-convergence: the SVD is exact for any input
         return _polar_by_svd(x, y)
-    del g  # (its memory may hold w now)
+    del g  # (its memory may hold the eigenvectors or reflectors now)
     sv2 = evals.clamp_min(0)
     if sv2.numel() == 0 or sv2[-1] == 0:
         return _polar_by_svd(x, y)
@@ -213,20 +246,21 @@ def _polar_gram(x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, 
     if n_small > max(1, sv2.numel() // 8):  # many: one SVD costs less than projecting them all
         return _polar_by_svd(x, y)
     if n_small:
-        return _polar_split(x, y, sv2, w, n_small)
+        return _polar_split(x, y, sv2, basis, n_small)
     s = sv2.sqrt().flip(-1)
+    w = basis.z
     if y is None:  # (xᵀx)^{-1/2} = W Λ^{-1/2} Wᵀ, as the Gram of Λ^{-1/4} Wᵀ: syrk, half a matmul's flops
         right = gram((w * sv2.rsqrt().sqrt().unsqueeze(-2)).mT)
     else:
-        z = w.mT @ y.to(torch.float64)
+        z = w.mT @ basis.rotate_in(y.to(torch.float64))
         z *= sv2.rsqrt().unsqueeze(-1)
-        right = w @ z
+        right = basis.rotate_out(w @ z)
     if x_in.dtype == torch.float32 and sv2[-1] <= FLOAT32_PRODUCT_MAX_COND ** 2 * sv2[0]:
         return x_in @ right.to(torch.float32), s
     return x @ right, s
 
 
-def _polar_split(x: torch.Tensor, y: torch.Tensor | None, sv2: torch.Tensor, w: torch.Tensor,
+def _polar_split(x: torch.Tensor, y: torch.Tensor | None, sv2: torch.Tensor, basis: _Eigenbasis,
                  k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``_polar_gram`` when the ``k`` smallest Gram eigenvalues are below ``SMALL_GRAM_EIGENVALUE``
     of the largest. polar(x) = P_b W_bᵀ + polar(Y_s) W_sᵀ: the accurate directions as usual
@@ -235,17 +269,17 @@ def _polar_split(x: torch.Tensor, y: torch.Tensor | None, sv2: torch.Tensor, w: 
     matrix, whose rounding is the trouble) and factored by a thin SVD (m × k), which is exact for
     any conditioning within the block and any rank. O(m n k) work instead of a full SVD
     (a 3072² float64 SVD took 13–15 s, twice the eigendecomposition)."""
-    w_s, w_b = w[:, :k], w[:, k:]
+    z_s, z_b = basis.z[:, :k], basis.z[:, k:]  # W_s = Q z_s, W_b = Q z_b
     inv_b = sv2[k:].rsqrt()
-    v = x @ w_s
-    coef = (w_b.mT @ (x.mT @ v)) * inv_b.square().unsqueeze(-1)  # Λ_b^{-1} W_bᵀ xᵀ v = Λ_b^{-1/2} P_bᵀ v
-    u_s, s_small, vh_s = svd(v - x @ (w_b @ coef))
+    v = x @ basis.rotate_out(z_s)  # x W_s
+    coef = (z_b.mT @ basis.rotate_in(x.mT @ v)) * inv_b.square().unsqueeze(-1)  # Λ_b^{-1} W_bᵀ xᵀ v = Λ_b^{-1/2} P_bᵀ v
+    u_s, s_small, vh_s = svd(v - x @ basis.rotate_out(z_b @ coef))
     q_s = u_s @ vh_s  # polar(Y_s)
     s = torch.cat([sv2[k:].sqrt().flip(-1), s_small]).sort(descending=True).values
-    if y is None:
-        return x @ gram((w_b * inv_b.sqrt().unsqueeze(-2)).mT) + q_s @ w_s.mT, s
-    y = y.to(torch.float64)
-    return x @ (w_b @ ((w_b.mT @ y) * inv_b.unsqueeze(-1))) + q_s @ (w_s.mT @ y), s
+    if y is None:  # (only with an explicit basis: z is W)
+        return x @ gram((z_b * inv_b.sqrt().unsqueeze(-2)).mT) + q_s @ z_s.mT, s
+    qy = basis.rotate_in(y.to(torch.float64))  # Qᵀ y, shared by W_bᵀ y and W_sᵀ y
+    return x @ basis.rotate_out(z_b @ ((z_b.mT @ qy) * inv_b.unsqueeze(-1))) + q_s @ (z_s.mT @ qy), s
 
 
 def _polar_by_svd(x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

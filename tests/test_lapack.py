@@ -75,6 +75,31 @@ def test_syevd_is_torch_eigh(batch, monkeypatch):
 
 
 @needs_lib
+@pytest.mark.parametrize("upper", [False, True])
+def test_tridiagonal_reduction_gives_the_eigenpairs_with_q_applied_to_thin_matrices(upper):
+    """A = Q T Qᵀ with T = Z Λ Zᵀ: Q (kept as reflectors) applied to Z gives A's eigenvectors, and
+    Qᵀ undoes Q. The inputs are never written (ormtr works in place, on a copy)."""
+    torch.manual_seed(4)
+    a = torch.randn(50, 30, dtype=torch.float64)
+    g = a.mT @ a
+    tri_input = g.triu() if upper else g.tril()  # only the triangle asked for is read
+    tri = lapack.Tridiagonal(tri_input, upper)
+    evals, z = tri.eigh()
+    full_e, full_v = torch.linalg.eigh(g)
+    assert torch.allclose(evals, full_e, rtol=1e-12)
+    m = torch.randn(30, 4, dtype=torch.float64)
+    m_t = m.mT.contiguous().mT  # a transposed view, whose .mT is contiguous
+    before, z_before = m.clone(), z.clone()
+    w = tri.rotate_out(z)
+    assert torch.allclose(g @ w, w * evals, atol=1e-9)
+    assert torch.allclose(w.mT @ w, torch.eye(30, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(tri.rotate_in(tri.rotate_out(m_t)), m, atol=1e-12)
+    assert torch.allclose(tri.rotate_in(m), z @ (w.mT @ m), atol=1e-12)  # Qᵀ = Z Wᵀ
+    assert torch.equal(m_t, before) and torch.equal(z, z_before)
+    assert torch.allclose(tri.rotate_out(z[:, :3]), w[:, :3], atol=1e-12)  # a column slice (a strided view)
+
+
+@needs_lib
 def test_syevd_can_overwrite_its_input():
     """The polar factor's 3072² Gram is not needed after its eigendecomposition: its memory takes
     the eigenvectors (one 75 MB array less at ESM's peak), with the same result as a copy."""

@@ -254,6 +254,36 @@ def test_polar_with_a_few_tiny_singular_values_stays_exact_without_a_full_svd(sh
         assert (got_y - want @ y).norm() / (want @ y).norm() < 2e-8
 
 
+@pytest.mark.parametrize("tiny", [False, True])  # True: two directions go through _polar_split
+def test_polar_times_a_thin_factor_applies_the_reflectors_without_forming_the_eigenvectors(tiny, monkeypatch):
+    """polar(x) @ y with y narrower than half of x's small side (ESM's 3072² eigenbasis times its
+    768-wide factor): the Gram's eigenvectors stay as reduction reflectors times the tridiagonal's
+    eigenvectors (no syevd); a wide y still takes syevd. Both match the SVD."""
+    from merging import lapack, linalg
+    if not lapack.available(torch.zeros(1, dtype=torch.float64)):
+        pytest.skip("scipy-openblas32 is a project dependency; installed by make install")
+    calls = []
+    real_syevd, real_tri = lapack.syevd, lapack.Tridiagonal
+    monkeypatch.setattr(lapack, "syevd", lambda *a, **k: calls.append("syevd") or real_syevd(*a, **k))
+    monkeypatch.setattr(lapack, "Tridiagonal", lambda *a, **k: calls.append("sytrd") or real_tri(*a, **k))
+    torch.manual_seed(6)
+    n = 90
+    u = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))[0]
+    sv = torch.logspace(0, -3, n, dtype=torch.float64)
+    if tiny:
+        sv[-2:] = torch.tensor([1e-7, 1e-8], dtype=torch.float64)
+    x = (u * sv) @ v.mT
+    uu, _, vh = torch.linalg.svd(x)
+    for width, route in ((20, "sytrd"), (60, "syevd")):
+        y = torch.randn(n, width, dtype=torch.float64)
+        calls.clear()
+        got, s = polar_times(x, y, exact=False)
+        assert calls == [route]
+        assert (got - uu @ vh @ y).norm() / (uu @ vh @ y).norm() < 2e-8
+        assert ((s - sv) / sv).abs().max() < 2e-8
+
+
 def test_polar_of_a_batch_is_each_matrix_polar():
     """Batched inputs go one matrix at a time: each has its own small directions (the first
     matrix here has one, the second none) and its own float32-product decision."""
