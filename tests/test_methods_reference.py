@@ -302,7 +302,7 @@ def test_polar_of_a_batch_is_each_matrix_polar():
         assert torch.allclose(p_y[i], polar_times(x[i], y)[0], atol=1e-5)
 
 
-@pytest.mark.parametrize("n_tokens", [500, 12])  # full-rank calibration Gram (Cholesky root) and singular (eigh root)
+@pytest.mark.parametrize("n_tokens", [500, 12, 5])  # full-rank calibration Gram (Cholesky root), singular (eigh root), fewer tokens than r (completed basis)
 @pytest.mark.parametrize("d_out,d_in", [(48, 16), (16, 48)])
 def test_esm_activation_eigenpairs_match_the_direct_covariance(n_tokens, d_out, d_in):
     from merging.methods.esm import activation_eigen
@@ -311,7 +311,8 @@ def test_esm_activation_eigenpairs_match_the_direct_covariance(n_tokens, d_out, 
     x = torch.randn(n_tokens, d_in, dtype=torch.float64)
     gram = x.mT @ x
     r = d_out // 4
-    vecs, evals, norm = activation_eigen(dw, gram, n_tokens, r)
+    vecs, evals, proj, norm = activation_eigen(dw, gram, n_tokens, r)
+    assert torch.allclose(proj, vecs.mT @ dw, atol=1e-9 * float(dw.abs().max()))  # Eᵀ ΔW, completions included
     cov = (x @ dw.mT).mT @ (x @ dw.mT) / (n_tokens - 1)  # AᵀA/(N−1) from the activation shift itself
     ref_e, ref_v = torch.linalg.eigh(cov)
     ref_e, ref_v = ref_e.flip(0)[:r], ref_v.flip(1)[:, :r]

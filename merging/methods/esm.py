@@ -39,36 +39,48 @@ class EsmParams(MethodParams):
     inter_layer_scaling: bool = Field(True, description="Rescale each layer group by (‖τ_ℓ‖/mean ‖τ‖)^p.")
 
 
-def activation_eigen(dw: torch.Tensor, gram: torch.Tensor, count: int, r: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+def activation_eigen(dw: torch.Tensor, gram: torch.Tensor, count: int, r: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """Top-r eigenvectors E (d_out, r) and eigenvalues λ (r,) of the activation-shift covariance
-    AᵀA/(N−1) = ΔW G ΔWᵀ/(N−1), with the official identity padding, and n_t = ‖Eᵀ ΔW‖_F over
-    the official full (padded) basis. Everything in float64.
+    AᵀA/(N−1) = ΔW G ΔWᵀ/(N−1), with the official identity padding, the projection Eᵀ ΔW (r, d_in),
+    and n_t = ‖Eᵀ ΔW‖_F over the official full (padded) basis. Everything in float64.
     """
     d_out, d_in = dw.shape
     # Eigenpairs needed: the top r, and for n_t with N < d_out the first N (the official SVD's directions).
     need = min(d_out, r if count >= d_out else max(r, count))
+    n_svd = min(count, d_out)  # the official SVD of A (N × d_out) yields min(N, d_out) directions
     if d_out <= d_in:
         evals, vecs = top_eigh(dw @ gram @ dw.mT, need)  # (d_out, d_out)
-        evals, vecs = evals.flip(0).clamp_min(0), vecs.flip(1)
-    else:  # eigenpairs of B Bᵀ from those of Bᵀ B, with B = ΔW L for any square root L Lᵀ = G
-        b = dw @ _gram_root(gram)
-        mu, w = top_eigh(gram_of(b), min(need, d_in))
-        mu, w = mu.flip(0).clamp_min(0), w.flip(1)
-        s = mu.sqrt()
-        keep = s > s[0] * 1e-12 if s.numel() and s[0] > 0 else torch.zeros_like(s, dtype=torch.bool)
-        vecs = (b @ w[:, keep]) / s[keep]
-        evals = mu[keep]
-    # The official SVD of A (N × d_out) yields min(N, d_out) directions; identity columns pad the rest.
-    n_svd = min(count, d_out)
-    vecs, evals = vecs[:, :n_svd], evals[:n_svd]
+        evals, vecs = evals.flip(0).clamp_min(0)[:n_svd], vecs.flip(1)[:, :n_svd]
+        proj = vecs.mT @ dw
+    else:
+        vecs, evals, proj = _eigen_from_small_side(dw, gram, min(need, d_in, n_svd))
     if vecs.shape[1] < r:  # rank budget above the available directions (ill-posed, §4.3): complete the basis
         vecs, evals = _complete(vecs, evals, r, count, d_out)
+        proj = torch.cat([proj, vecs[:, proj.shape[0]:].mT @ dw])
     if count >= d_out:
         norm2 = float((dw * dw).sum())  # full orthonormal basis
-    else:
-        proj = vecs[:, : min(vecs.shape[1], n_svd)].mT @ dw
-        norm2 = float((proj * proj).sum() + (dw[count:] * dw[count:]).sum())
-    return vecs[:, :r], evals[:r] / (count - 1), norm2 ** 0.5
+    else:  # identity columns pad the official basis: n_t takes ΔW's raw rows there
+        p_svd = proj[: min(vecs.shape[1], n_svd)]
+        norm2 = float((p_svd * p_svd).sum() + (dw[count:] * dw[count:]).sum())
+    return vecs[:, :r], evals[:r] / (count - 1), proj[:r], norm2 ** 0.5
+
+
+def _eigen_from_small_side(dw: torch.Tensor, gram: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k eigenpairs of B Bᵀ = ΔW G ΔWᵀ for a tall ΔW (d_out > d_in), from those of the small
+    Bᵀ B with B = ΔW L for a square root L Lᵀ = G: Bᵀ B = Lᵀ C L with C = ΔWᵀ ΔW, and for an
+    eigenpair (μ, w) of Bᵀ B, e = B w / √μ = ΔW (L w / √μ) and eᵀ ΔW = (L w / √μ)ᵀ C. Only C and
+    E touch the d_out side (a syrk and one d_out × d_in × k product), where forming B and Eᵀ ΔW
+    took two more of d_out × d_in² size: 9.0 → 6.3 GFLOP per task on a 3072 × 768 c_fc.
+    Returns (E (d_out, k'), μ (k',), Eᵀ ΔW (k', d_in)), k' ≤ k: directions of zero μ are dropped."""
+    root = _gram_root(gram)
+    c = gram_of(dw)
+    mu, w = top_eigh(root.mT @ c @ root, k)
+    mu, w = mu.flip(0).clamp_min(0), w.flip(1)
+    s = mu.sqrt()
+    keep = s > s[0] * 1e-12 if s.numel() and s[0] > 0 else torch.zeros_like(s, dtype=torch.bool)
+    coef = (root @ w[:, keep]) / s[keep]  # (d_in, k')
+    return dw @ coef, mu[keep], coef.mT @ c
 
 
 def _gram_root(gram: torch.Tensor) -> torch.Tensor:
@@ -167,8 +179,8 @@ class Esm(MergeMethod):
                 self.ill_posed.append(job.key)
                 self.ctx.notes.setdefault("esm_ill_posed_rank_budget", sorted(set(self.ill_posed)))
             dw = job.taus[t].to(torch.float64)  # one task at a time: a float64 copy of all T would double the job's memory
-            e, lam, n_t = activation_eigen(dw, gram.to(dw.device), count, r)
-            v = (e.mT @ dw) * n_t ** p
+            e, lam, v, n_t = activation_eigen(dw, gram.to(dw.device), count, r)
+            v *= n_t ** p
             mean_lam = lam.mean()
             weight = (lam / mean_lam) ** q if mean_lam > 0 else torch.ones_like(lam)
             weight = weight / weight.mean() if weight.mean() > 0 else torch.ones_like(weight)
