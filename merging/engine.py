@@ -236,11 +236,10 @@ def memory_bytes() -> int | None:
         return None
 
 
-def default_worker_count(method_cap: int | None, largest_job: int) -> int:
-    """options.workers when the spec does not say: one per core, within the method's cap, and few
-    enough that the jobs in flight (with float64 working copies, ~3× their inputs) stay within a
+def default_worker_count(largest_job: int) -> int:
+    """options.workers when the spec does not say: one per core, and few enough that the jobs in flight (with float64 working copies, ~3× their inputs) stay within a
     quarter of the memory: a 7B model's 0.5 GB embedding × 9 checkpoints is a 4.7 GB job."""
-    workers = min(default_workers(), method_cap or 64)
+    workers = default_workers()
     memory = memory_bytes()
     if memory and largest_job > 0:
         workers = min(workers, max(1, memory // 4 // (3 * largest_job)))
@@ -448,7 +447,7 @@ def merge(spec: MergeSpec | dict, progress: Callable[[ProgressEvent], Any] | Non
             # idles (ESM: the 12 s c_fc layer next to the 6 s c_proj one, 20 % of the time lost).
             job_bytes = {item.key: _job_bytes(item, len(experts), dtype) for item in merged_items}
             largest_job = max(job_bytes.values(), default=0)
-            workers = spec.options.workers or default_worker_count(method.default_max_workers, largest_job)
+            workers = spec.options.workers or default_worker_count(largest_job)
             if device.type != "cpu":
                 workers = 1  # one stream of kernels; the GPU parallelises within a tensor
             # OpenMP's thread count is per OS thread: a pool thread that does not set its own runs
@@ -457,17 +456,17 @@ def merge(spec: MergeSpec | dict, progress: Callable[[ProgressEvent], Any] | Non
                                                          initializer=torch.set_num_threads, initargs=(1,)) if workers > 1 else None
             in_flight_budget = workers * largest_job
             pending: dict[concurrent.futures.Future, tuple[int, PlanItem]] = {}
-            in_flight = 0
 
             def store_finished(wait: bool) -> None:
                 """Store every finished job (with ``wait``, after at least one has finished)."""
-                nonlocal in_flight
                 done, _ = concurrent.futures.wait(list(pending), timeout=None if wait else 0,
                                                   return_when=concurrent.futures.FIRST_COMPLETED)
                 for fut in sorted(done, key=lambda f: pending[f][0]):
                     j, it = pending.pop(fut)
-                    in_flight -= job_bytes[it.key]
                     store(j, it, fut.result())
+
+            def in_flight() -> int:
+                return sum(job_bytes[it.key] for _, it in pending.values())
 
             prev_threads = torch.get_num_threads()
             if pool is not None:
@@ -484,10 +483,9 @@ def merge(spec: MergeSpec | dict, progress: Callable[[ProgressEvent], Any] | Non
                         store(i, item, compute(item, base_t, job))
                         continue
                     pending[pool.submit(compute, item, base_t, job)] = (i, item)
-                    in_flight += job_bytes[item.key]
                     del base_t, job
                     store_finished(wait=False)
-                    while pending and in_flight >= in_flight_budget:
+                    while pending and in_flight() >= in_flight_budget:
                         store_finished(wait=True)
                 while pending:
                     store_finished(wait=True)

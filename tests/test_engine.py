@@ -346,12 +346,11 @@ def test_default_workers_shrink_when_the_jobs_would_not_fit_in_memory(monkeypatc
     from merging import engine
     monkeypatch.setattr(engine, "default_workers", lambda: 8)
     monkeypatch.setattr(engine, "memory_bytes", lambda: 64 << 30)
-    assert engine.default_worker_count(None, 85 << 20) == 8  # ViT-B/16 fc job: many fit
-    assert engine.default_worker_count(None, int(4.7 * (1 << 30))) == 1  # a 7B model's embedding × 9
-    assert engine.default_worker_count(None, 1 << 30) == 5  # 16 GB / 3 GB
-    assert engine.default_worker_count(1, 85 << 20) == 1  # a method's cap (MergeMethod.default_max_workers)
+    assert engine.default_worker_count(85 << 20) == 8  # ViT-B/16 fc job: many fit
+    assert engine.default_worker_count(int(4.7 * (1 << 30))) == 1  # a 7B model's embedding × 9
+    assert engine.default_worker_count(1 << 30) == 5  # 16 GB / 3 GB
     monkeypatch.setattr(engine, "memory_bytes", lambda: None)
-    assert engine.default_worker_count(None, 1 << 40) == 8  # unknown memory: cores only
+    assert engine.default_worker_count(1 << 40) == 8  # unknown memory: cores only
 
 
 @pytest.mark.parametrize("method", ["tsv_m", "ties"])  # ties: its prepasses load every tensor too

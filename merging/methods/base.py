@@ -64,9 +64,6 @@ class MergeMethod:
     Params: ClassVar[type[MethodParams]] = MethodParams
     prepasses: ClassVar[int] = 0
     needs_calibration: ClassVar[bool] = False
-    # Default cap on options.workers (None: one per core). A method whose per-tensor working memory
-    # is large sets it, so the default stays inside the memory target; an explicit options.workers wins.
-    default_max_workers: ClassVar[int | None] = None
     # Whether the merge should run with every freed work array of 1 MB or more given back to the
     # system at once (merging/heap.py): for methods that allocate many large float64 temporaries
     # per tensor, where glibc's heap would otherwise hold several times what is in use.
