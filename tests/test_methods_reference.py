@@ -202,6 +202,13 @@ def test_polar_is_orthonormal_and_exact():
     assert torch.allclose(p.mT @ p, torch.eye(20), atol=1e-5)
 
 
+def _with_singular_values(m: int, n: int, sv: torch.Tensor) -> torch.Tensor:
+    """A random float64 m × n matrix whose singular values are ``sv`` (min(m, n) of them)."""
+    u = torch.linalg.qr(torch.randn(m, len(sv), dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(n, len(sv), dtype=torch.float64))[0]
+    return (u * sv) @ v.mT
+
+
 @pytest.mark.parametrize("cond,bound", [(10.0, 3e-6), (1e4, 3e-7)])
 @pytest.mark.parametrize("shape", [(600, 150), (150, 600)])
 def test_polar_of_float32_inputs_keeps_float64_accuracy_when_ill_conditioned(shape, cond, bound):
@@ -210,10 +217,7 @@ def test_polar_of_float32_inputs_keeps_float64_accuracy_when_ill_conditioned(sha
     by 7e-5 here (measured), so the float64 product must be kept."""
     torch.manual_seed(11)
     m, n = shape
-    r = min(m, n)
-    u = torch.linalg.qr(torch.randn(m, r, dtype=torch.float64))[0]
-    v = torch.linalg.qr(torch.randn(n, r, dtype=torch.float64))[0]
-    x = (u * torch.logspace(0, -math.log10(cond), r, dtype=torch.float64)) @ v.mT
+    x = _with_singular_values(m, n, torch.logspace(0, -math.log10(cond), min(m, n), dtype=torch.float64))
     x32 = x.float()
     want = polar(x32.double())  # float64 input: the float64 SVD route
     cases = [(polar_with_singular_values(x32)[0], want)]
@@ -239,10 +243,8 @@ def test_polar_with_a_few_tiny_singular_values_stays_exact_without_a_full_svd(sh
     torch.manual_seed(5)
     m, n = shape
     r = min(m, n)
-    u = torch.linalg.qr(torch.randn(m, r, dtype=torch.float64))[0]
-    v = torch.linalg.qr(torch.randn(n, r, dtype=torch.float64))[0]
     sv = torch.cat([torch.logspace(0, -3, r - 3, dtype=torch.float64), torch.tensor([1e-7, 3e-8, 1e-8], dtype=torch.float64)])
-    x = (u * sv) @ v.mT
+    x = _with_singular_values(m, n, sv)
     uu, ss, vh = torch.linalg.svd(x, full_matrices=False)
     want = uu @ vh
     got, s = polar_with_singular_values(x, exact=False)
@@ -268,12 +270,10 @@ def test_polar_times_a_thin_factor_applies_the_reflectors_without_forming_the_ei
     monkeypatch.setattr(lapack, "Tridiagonal", lambda *a, **k: calls.append("sytrd") or real_tri(*a, **k))
     torch.manual_seed(6)
     n = 90
-    u = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))[0]
-    v = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))[0]
     sv = torch.logspace(0, -3, n, dtype=torch.float64)
     if tiny:
         sv[-2:] = torch.tensor([1e-7, 1e-8], dtype=torch.float64)
-    x = (u * sv) @ v.mT
+    x = _with_singular_values(n, n, sv)
     uu, _, vh = torch.linalg.svd(x)
     for width, route in ((20, "sytrd"), (60, "syevd")):
         y = torch.randn(n, width, dtype=torch.float64)
