@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pathlib
 
 import pytest
 import torch
@@ -195,6 +196,17 @@ def test_file_uris_in_and_out(checkpoints, tmp_path, spec):
 
 
 # ---- the output shards' digests, computed while the tensors land --------------------------------
+
+
+def test_open_checkpoint_takes_a_pathlib_path(checkpoints, tmp_path):
+    """Python callers hold paths as pathlib.Path (the benchmark's model package returns one)."""
+    base, _ = checkpoints.family()
+    directory = checkpoints.directory(base, "b")
+    by_path = open_checkpoint(pathlib.Path(directory), "base", _cfg(tmp_path))
+    by_str = open_checkpoint(str(directory), "base", _cfg(tmp_path))
+    assert by_path.keys() == by_str.keys() and by_path.keys()
+    key = next(iter(by_path.keys()))
+    assert torch.equal(by_path.read(key), by_str.read(key))
 
 def _writer_entries():
     g = torch.Generator().manual_seed(0)

@@ -269,11 +269,14 @@ def _is_dir(loc: Location) -> bool:
     return loc.is_dir()
 
 
-def open_checkpoint(uri: str, label: str, cfg: IOConfig | None = None, revision: str | None = None) -> Checkpoint:
-    """Open a checkpoint by URI, reading headers only (PyTorch files are loaded, weights-only).
+def open_checkpoint(uri: str | os.PathLike, label: str, cfg: IOConfig | None = None,
+                    revision: str | None = None) -> Checkpoint:
+    """Open a checkpoint by URI or local path (``str`` or ``pathlib.Path``), reading headers only
+    (PyTorch files are loaded, weights-only).
 
     ``revision`` pins an ``hf://`` repo (as ``@revision`` in the URI would).
     """
+    uri = os.fspath(uri)
     cfg = cfg or IOConfig()
     try:
         if revision and not uri.lower().startswith("hf://"):

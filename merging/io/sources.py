@@ -176,7 +176,8 @@ def _download_lock(directory: str):
 class Location:
     """A file or directory at a URI."""
 
-    def __init__(self, uri: str, cfg: IOConfig, revision: str | None = None, *, _fs=None, _path=None):
+    def __init__(self, uri: str | os.PathLike, cfg: IOConfig, revision: str | None = None, *, _fs=None, _path=None):
+        uri = os.fspath(uri)
         self.uri = uri
         self.cfg = cfg
         self.revision = revision
