@@ -3,16 +3,23 @@
 glibc serves an allocation from its heap when the allocation is below a threshold that starts at
 128 KB and rises, each time a larger mapped block is freed, up to 32 MB. Heap memory goes back
 to the system only from the top of the heap, and every thread allocates from its own heap
-(arena). A merge that allocates and frees many 1–32 MB float64 work arrays from two worker
+(arena). A merge that allocates and frees many 1–75 MB float64 work arrays from two worker
 threads therefore holds much more memory than it uses: ESM on the 12-block ViT-B/16 benchmark
-peaked at 1501 MB of RSS with two workers, and at 1103–1151 MB with every array of 1 MB or more
-mapped on its own and unmapped when freed (and was no slower: 186–196 against 205 s). The same
-setting costs the short-job methods (TSV-M, Iso-C) 5–10 % of their time in page faults for
-130–230 MB less memory they do not need, so only methods that ask for it get it
-(``MergeMethod.unmap_freed_arrays``).
+peaked at 1501–1535 MB of RSS with two workers (32 MB threshold). So while such a merge runs,
+every array of 8 MB or more is mapped on its own and unmapped when freed (1.32–1.34 GB), and up
+to 16 MB may stay free at a heap's top instead of going back at once.
 
-The threshold is process-wide. While any such merge runs it is 1 MB; when the last one ends it
-is set to 32 MB, the ceiling of glibc's own rising threshold (which, once set by hand, does not
+Smaller arrays stay on the heap, where freed memory is reused without a page fault. An earlier
+1 MB threshold gave 1.11–1.14 GB, but then ESM's most frequent work arrays (768 × 768 float64,
+4.7 MB) were fresh mappings each time: every page faulted in and zeroed, every free an unmap
+that interrupts the other worker thread of the process (a TLB shootdown): 39–48 s of system
+time in a 148–171 s merge, against 27–35 s at 8 MB, and 3–10 % less wall time in three of four
+alternating pairs (bench/RESULTS.md, session 10). Mapping costs the short-job methods (TSV-M,
+Iso-C) 5–10 % of their time in page faults for memory they do not need, so only methods that
+ask for it get it (``MergeMethod.unmap_freed_arrays``).
+
+The thresholds are process-wide. While any such merge runs they are 8 MB (mapping) and 16 MB
+(trim); when the last one ends the mapping threshold is set to 32 MB, the ceiling of glibc's own rising threshold (which, once set by hand, does not
 rise again). A process started with ``MALLOC_MMAP_THRESHOLD_`` in its environment keeps what its
 owner chose. Elsewhere than glibc this is a no-op.
 """
@@ -26,7 +33,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
-WHILE_ACTIVE = 1 << 20
+WHILE_ACTIVE = 8 << 20
 AFTER = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit systems
 
 _lock = threading.Lock()
@@ -68,6 +75,8 @@ def unmap_freed_arrays(enabled: bool = True) -> Iterator[None]:
         _active += 1
         if _active == 1:
             mallopt(_M_MMAP_THRESHOLD, WHILE_ACTIVE)
+            # keep up to this much free at a heap's top, so that the next small array reuses it
+            mallopt(_M_TRIM_THRESHOLD, 2 * WHILE_ACTIVE)
     try:
         yield
     finally:

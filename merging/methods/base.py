@@ -64,7 +64,7 @@ class MergeMethod:
     Params: ClassVar[type[MethodParams]] = MethodParams
     prepasses: ClassVar[int] = 0
     needs_calibration: ClassVar[bool] = False
-    # Whether the merge should run with every freed work array of 1 MB or more given back to the
+    # Whether the merge should run with every freed work array of 8 MB or more given back to the
     # system at once (merging/heap.py): for methods that allocate many large float64 temporaries
     # per tensor, where glibc's heap would otherwise hold several times what is in use.
     unmap_freed_arrays: ClassVar[bool] = False

@@ -118,8 +118,9 @@ class Esm(MergeMethod):
     needs_calibration = True
     # A 3072-wide ESD layer holds ~0.4 GB of float64 work arrays (the concatenated eigenbasis, its
     # Gram matrix, eigenvectors, LAPACK workspace), allocated and freed per task and per layer.
-    # Left to glibc's heap, two workers' arrays took a 12-block ViT-B/16 merge to 1.50 GB peak
-    # RSS; given back as they are freed, 1.1 GB, so ESM runs one worker per core like the others.
+    # Left to glibc's heap, two workers' arrays took a 12-block ViT-B/16 merge to 1.5 GB peak
+    # RSS; the arrays of 8 MB or more given back as they are freed, 1.3 GB, so ESM runs one
+    # worker per core like the others.
     # The polar factor of the widest layers' eigenbasis is the peak (3072²: its Gram matrix,
     # eigenvectors, LAPACK workspace and products, +0.45 GB of RSS each, measured): two workers
     # never run two of those at once, while a smaller layer's may run beside one.
