@@ -19,8 +19,9 @@ Iso-C) 5–10 % of their time in page faults for memory they do not need, so onl
 ask for it get it (``MergeMethod.unmap_freed_arrays``).
 
 The thresholds are process-wide. While any such merge runs they are 8 MB (mapping) and 16 MB
-(trim); when the last one ends the mapping threshold is set to 32 MB, the ceiling of glibc's own rising threshold (which, once set by hand, does not
-rise again). A process started with ``MALLOC_MMAP_THRESHOLD_`` in its environment keeps what its
+(trim); when the last one ends the mapping threshold is set to 32 MB, the ceiling of glibc's
+own rising threshold (which, once set by hand, does not rise again), and the trim threshold to
+twice that. A process started with ``MALLOC_MMAP_THRESHOLD_`` in its environment keeps what its
 owner chose. Elsewhere than glibc this is a no-op.
 """
 from __future__ import annotations
