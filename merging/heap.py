@@ -5,9 +5,9 @@ glibc serves an allocation from its heap when the allocation is below a threshol
 to the system only from the top of the heap, and every thread allocates from its own heap
 (arena). A merge that allocates and frees many 1–75 MB float64 work arrays from two worker
 threads therefore holds much more memory than it uses: ESM on the 12-block ViT-B/16 benchmark
-peaked at 1501–1535 MB of RSS with two workers (32 MB threshold). So while such a merge runs,
-every array of 8 MB or more is mapped on its own and unmapped when freed (1.32–1.34 GB), and up
-to 16 MB may stay free at a heap's top instead of going back at once.
+peaked at 1.50–1.57 GB of RSS with two workers (glibc's own threshold, or 32 MB). So while such
+a merge runs, every array of 8 MB or more is mapped on its own and unmapped when freed (1.32–1.34
+GB), and up to 16 MB may stay free at a heap's top instead of going back at once.
 
 Smaller arrays stay on the heap, where freed memory is reused without a page fault. An earlier
 1 MB threshold gave 1.11–1.14 GB, but then ESM's most frequent work arrays (768 × 768 float64,
