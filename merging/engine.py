@@ -237,8 +237,9 @@ def memory_bytes() -> int | None:
 
 
 def default_worker_count(largest_job: int) -> int:
-    """options.workers when the spec does not say: one per core, and few enough that the jobs in flight (with float64 working copies, ~3× their inputs) stay within a
-    quarter of the memory: a 7B model's 0.5 GB embedding × 9 checkpoints is a 4.7 GB job."""
+    """options.workers when the spec does not say: one per core, and few enough that the jobs in
+    flight (with float64 working copies, ~3× their inputs) stay within a quarter of the memory:
+    a 7B model's 0.5 GB embedding × 9 checkpoints is a 4.7 GB job."""
     workers = default_workers()
     memory = memory_bytes()
     if memory and largest_job > 0:

@@ -34,17 +34,19 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
-def _run(mode: str) -> list[tuple[int, bool]]:
+def _run(script: str, *args: str) -> list[tuple[int, bool]]:
+    """Run ``script`` in a fresh interpreter (glibc's thresholds are process-wide); its lines are
+    ``<count> <heap.active()>``."""
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
-    out = subprocess.run([sys.executable, "-c", _SCRIPT, mode], capture_output=True, text=True, check=True, env=env,
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, check=True, env=env,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout.split("\n")
     return [(int(a), b == "True") for a, b in (line.split() for line in out if line)]
 
 
 @glibc
 def test_freed_arrays_are_given_back_only_inside_the_context():
-    (off_inside, off_active), (off_after, _) = _run("off")
-    (on_inside, on_active), (on_after, on_active_after) = _run("on")
+    (off_inside, off_active), (off_after, _) = _run(_SCRIPT, "off")
+    (on_inside, on_active), (on_after, on_active_after) = _run(_SCRIPT, "on")
     assert off_inside > 150 and not off_active  # glibc's heap keeps the freed arrays (the premise)
     assert on_inside < 40 and on_active
     # After the context, the threshold is glibc's ceiling (32 MB): 12 MB arrays are heap-allocated again.
@@ -79,9 +81,6 @@ def test_small_work_arrays_are_reused_from_the_heap_while_active():
     """Only arrays of 8 MB or more get their own mapping: with every array of 1 MB or more mapped,
     the page faults and unmaps of the 4.7 MB ones cost ESM 48 s of system time in a 162 s merge
     (27 s at 8 MB), and two worker threads unmapping in one process slow each other down."""
-    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
-    line = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, check=True, env=env,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout.split()
-    faults, active = int(line[0]), line[1] == "True"
+    [(faults, active)] = _run(_FAULTS)
     assert active
     assert faults < 100 * 1152 // 10, faults  # the heap's pages are faulted in once, not every time
