@@ -38,6 +38,13 @@ class UnreadableURIError(InputError):
     code = "unreadable_uri"
 
 
+class AccessDeniedError(InputError):
+    """An input the service's policy refuses: a file outside the allowed roots (symlinks
+    resolved), or an http(s) request, redirect hop or resolved address it does not allow."""
+
+    code = "uri_not_allowed"
+
+
 class IncompatibleCheckpointsError(InputError):
     code = "incompatible_checkpoints"
 

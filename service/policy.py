@@ -1,12 +1,18 @@
 """URI policy for everything a job makes the service fetch or call (SSRF guard).
 
 * schemes: only ``SUBMERGE_ALLOWED_SCHEMES`` (plain paths count as ``file``);
-* ``file://`` and plain paths: only under ``SUBMERGE_FILE_ROOTS`` (after resolving symlinks and ``..``);
+* ``file://`` and plain paths: only under ``SUBMERGE_FILE_ROOTS`` (after resolving symlinks and ``..``),
+  and so must every file inside a model directory: a link to a file outside the roots is refused;
 * ``s3://``: only buckets in ``SUBMERGE_ALLOWED_BUCKETS`` when that is set;
 * ``http(s)://``: only hosts in ``SUBMERGE_ALLOWED_HOSTS`` when that is set; the host name is
   resolved and *every* address it resolves to must be public, unless it lies in
   ``SUBMERGE_ALLOWED_PRIVATE_NETWORKS``. The check runs at submission and again when the
   worker starts the job (and before each webhook delivery).
+
+While a job runs, ``InputPolicy`` (the library's ``merging.io.guard.InputGuard``) applies the same
+rules at the last moment: to each local file as it is opened (symlinks resolved), to every http(s)
+redirect hop before it is followed, and to every address a host resolves to when the connection
+is made (so DNS rebinding after the submission-time check is refused too).
 """
 from __future__ import annotations
 
@@ -16,6 +22,9 @@ import os
 import socket
 import urllib.parse
 
+from merging.errors import AccessDeniedError
+from merging.io.guard import IPAddress
+from merging.io.sources import IOConfig
 from service.config import Settings
 
 
@@ -55,6 +64,12 @@ def check_file(uri: str, field: str, settings: Settings) -> None:
     roots = settings.roots
     if not any(_under(real, r) for r in roots):
         raise PolicyError(field, f"{uri} is outside the allowed file roots ({', '.join(roots)}; see SUBMERGE_FILE_ROOTS)")
+    if os.path.isdir(real):  # refuse at once what the worker would refuse when it opens the file
+        for name in sorted(os.listdir(real)):
+            target = os.path.realpath(os.path.join(real, name))
+            if not any(_under(target, r) for r in roots):
+                raise PolicyError(field, f"{uri}: {name} links to {target}, outside the allowed file roots "
+                                         f"({', '.join(roots)}; see SUBMERGE_FILE_ROOTS)")
 
 
 def _host_allowed(host: str, patterns: list[str]) -> bool:
@@ -83,7 +98,8 @@ def resolve_addresses(host: str, port: int) -> list[ipaddress.IPv4Address | ipad
     return out
 
 
-def check_http(uri: str, field: str, settings: Settings) -> None:
+def _check_url(uri: str, field: str, settings: Settings) -> tuple[str, int]:
+    """The rules on an http(s) URL as written (no DNS); its host and port."""
     parts = urllib.parse.urlsplit(uri)
     host = parts.hostname
     if not host:
@@ -96,6 +112,17 @@ def check_http(uri: str, field: str, settings: Settings) -> None:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
         raise PolicyError(field, f"{uri} has an invalid port") from None
+    return host, port
+
+
+def _check_address(host: str, ip: IPAddress, field: str, settings: Settings) -> None:
+    if not ip.is_global and not _private_allowed(ip, settings):
+        raise PolicyError(field, f"host {host!r} resolves to non-public address {ip} "
+                                 "(private, loopback and link-local targets are refused; see SUBMERGE_ALLOWED_PRIVATE_NETWORKS)")
+
+
+def check_http(uri: str, field: str, settings: Settings) -> None:
+    host, port = _check_url(uri, field, settings)
     try:
         addresses = resolve_addresses(host, port)
     except (socket.gaierror, UnicodeError, OSError) as e:
@@ -103,9 +130,7 @@ def check_http(uri: str, field: str, settings: Settings) -> None:
     if not addresses:
         raise PolicyError(field, f"host {host!r} resolves to no address")
     for ip in addresses:
-        if not ip.is_global and not _private_allowed(ip, settings):
-            raise PolicyError(field, f"host {host!r} resolves to non-public address {ip} "
-                                     "(private, loopback and link-local targets are refused; see SUBMERGE_ALLOWED_PRIVATE_NETWORKS)")
+        _check_address(host, ip, field, settings)
 
 
 def check_uri(uri: str, field: str, settings: Settings) -> None:
@@ -149,3 +174,47 @@ def check_spec(spec, settings: Settings) -> None:
                               "(SUBMERGE_ALLOW_CUSTOM_ADAPTERS)")
     if spec.callback_url:
         check_callback(spec.callback_url, settings)
+
+
+class InputPolicy:
+    """The URI policy as the library's ``InputGuard``: asked while a job reads its inputs.
+
+    Besides ``SUBMERGE_FILE_ROOTS``, local files may come from the service's own directories: its
+    local artifact storage (a job evaluates the model it just published there) and its cache
+    (calibration statistics a job captured).
+    """
+
+    def __init__(self, settings: Settings, storage_path: str | None = None):
+        self.settings = settings
+        own = [settings.cache_path] + ([storage_path] if storage_path else [])
+        self.roots = settings.roots + [os.path.realpath(p) for p in own]
+
+    def check_file(self, real_path: str, uri: str) -> None:
+        if not any(_under(real_path, r) for r in self.roots):
+            shown = uri if real_path == os.path.abspath(uri) else f"{uri} (resolves to {real_path})"
+            raise AccessDeniedError(f"{shown} is outside the allowed file roots ({', '.join(self.settings.roots)}; "
+                                    "see SUBMERGE_FILE_ROOTS)")
+
+    def check_url(self, url: str) -> None:
+        scheme = _split(url)[0]
+        if scheme not in ("http", "https") or scheme not in [s.lower() for s in self.settings.allowed_schemes]:
+            raise AccessDeniedError(f"request to {url}: scheme {scheme!r} is not allowed")
+        try:
+            _check_url(url, "url", self.settings)
+        except PolicyError as e:
+            raise AccessDeniedError(f"request to {url} refused: {e.message.split(': ', 1)[1]}") from None
+
+    def check_address(self, host: str, address: IPAddress) -> None:
+        try:
+            _check_address(host, address, "url", self.settings)
+        except PolicyError as e:
+            raise AccessDeniedError(f"connection refused by policy: {e.message.split(': ', 1)[1]}") from None
+
+
+def job_io_config(settings: Settings) -> IOConfig:
+    """How a job reads its inputs: the service's storage options, guarded by ``InputPolicy``."""
+    root = settings.storage_root
+    local_storage = root[len("file://"):] if root.startswith("file://") else (None if "://" in root else root)
+    io = settings.io_config()
+    io.guard = InputPolicy(settings, local_storage)
+    return io

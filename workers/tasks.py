@@ -143,7 +143,7 @@ def run_job(job_id: str, settings: Settings | None = None, *, stop_event: thread
     not claimable, or ``released`` when ``stop_event`` interrupted it and it went back to the queue)."""
     from evaluation.pipeline import run_pipeline
     from merging.spec import MergeSpec
-    from service.policy import PolicyError, check_spec
+    from service.policy import PolicyError, check_spec, job_io_config
     from service.webhooks import deliver_async
 
     from service.redact import install_log_redaction, register_secret
@@ -180,7 +180,7 @@ def run_job(job_id: str, settings: Settings | None = None, *, stop_event: thread
         spec = MergeSpec.model_validate(job.spec)
         check_spec(spec, settings)
         storage.clear_job(job_id)  # leftovers of an interrupted attempt
-        io = settings.io_config()
+        io = job_io_config(settings)  # every file opened and every HTTP hop checked again
         run = run_pipeline(spec, progress=progress, io=io, should_cancel=should_cancel, cache_dir=io.cache_dir)
         result = run.merge
         artifacts = _artifacts(storage, job_id, result.files)

@@ -25,7 +25,8 @@ from typing import Any
 
 import fsspec
 
-from merging.errors import UnreadableURIError
+from merging.errors import AccessDeniedError, UnreadableURIError
+from merging.io.guard import InputGuard, checked_local_path, guarded_http_client
 
 REMOTE_SCHEMES = ("s3", "http", "https", "hf")
 WRITABLE_SCHEMES = ("", "file", "s3")
@@ -54,10 +55,14 @@ class IOConfig:
     ``storage_options`` maps a scheme (``s3``, ``http``, ``https``, ``hf``) to fsspec options for
     it, e.g. ``{"s3": {"endpoint_url": "http://127.0.0.1:9000", "key": ..., "secret": ...}}``.
     When no S3 endpoint is given there, ``SUBMERGE_S3_ENDPOINT_URL`` or ``AWS_ENDPOINT_URL`` is used.
+
+    ``guard`` (``merging.io.guard.InputGuard``) is asked before every local file is opened and
+    before every http(s) request, redirect hop and connection; None reads anything.
     """
 
     storage_options: dict[str, dict[str, Any]] = field(default_factory=default_storage_options)
     cache_dir: str = field(default_factory=default_cache_dir)
+    guard: InputGuard | None = None
 
 
 def split_scheme(uri: str) -> tuple[str, str]:
@@ -120,6 +125,9 @@ def _fs_for(uri: str, cfg: IOConfig, revision: str | None = None) -> tuple[fsspe
     if scheme not in REMOTE_SCHEMES:
         raise UnreadableURIError(f"unsupported URI scheme {scheme!r} in {uri} (use a path, file://, s3://, http(s):// or hf://)")
     opts = storage_options_for(scheme, cfg)
+    if scheme in HTTP_SCHEMES and cfg.guard is not None:
+        opts["get_client"] = guarded_http_client(cfg.guard)
+        opts["skip_instance_cache"] = True  # a guarded session belongs to its job, not to fsspec's cache
     if scheme == "hf":
         path = hf_path(rest.strip("/"), revision)
     elif scheme in HTTP_SCHEMES:
@@ -140,6 +148,16 @@ def _fs_for(uri: str, cfg: IOConfig, revision: str | None = None) -> tuple[fsspe
 def _first_line(e: BaseException) -> str:
     s = str(e).strip()
     return s.splitlines()[0] if s else ""
+
+
+def _access_denied(e: BaseException | None) -> AccessDeniedError | None:
+    """The guard's refusal inside an exception chain (fsspec and aiohttp wrap what they catch)."""
+    seen = 0
+    while e is not None and seen < 16:
+        if isinstance(e, AccessDeniedError):
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
 
 
 class _NotFound(UnreadableURIError):
@@ -195,27 +213,35 @@ class Location:
     # -- errors --------------------------------------------------------------------------------
 
     def _call(self, what: str, fn, *a, **kw):
-        """Run an fsspec call; any failure becomes an ``UnreadableURIError`` that names the URI."""
+        """Run an fsspec call; any failure becomes an ``UnreadableURIError`` that names the URI
+        (or the guard's ``AccessDeniedError``, however deep fsspec wrapped it)."""
         try:
             return fn(*a, **kw)
-        except UnreadableURIError:
+        except (UnreadableURIError, AccessDeniedError):
             raise
-        except FileNotFoundError as e:
+        except Exception as e:
+            denied = _access_denied(e)
+            if denied is not None:
+                raise AccessDeniedError(f"{self.uri}: {denied.message}") from None
+            raise self._unreadable(what, e) from None
+
+    def _unreadable(self, what: str, e: Exception) -> UnreadableURIError:
+        if isinstance(e, FileNotFoundError):
             # fsspec's HTTP backend turns every failure of HEAD/GET into FileNotFoundError: keep the cause.
             cause = e.__cause__ if self.scheme in HTTP_SCHEMES else None
             status = _http_status(cause)
             if cause is None or status in (404, 410):
-                raise _NotFound(f"{self.uri}: not found") from None
+                return _NotFound(f"{self.uri}: not found")
             reason = f"HTTP {status}" if status else f"{cause.__class__.__name__}: {_first_line(cause)}"
-            raise UnreadableURIError(f"{self.uri}: cannot {what} ({reason})") from None
-        except PermissionError as e:
-            raise UnreadableURIError(f"{self.uri}: permission denied ({_first_line(e)})") from None
-        except IsADirectoryError:
-            raise UnreadableURIError(f"{self.uri}: is a directory, expected a file") from None
-        except Exception as e:  # network errors, auth errors, bad endpoints: all name the URI
-            status = _http_status(e)
-            reason = f"HTTP {status}" if status else f"{e.__class__.__name__}: {_first_line(e)}"
-            raise UnreadableURIError(f"{self.uri}: cannot {what} ({reason})") from None
+            return UnreadableURIError(f"{self.uri}: cannot {what} ({reason})")
+        if isinstance(e, PermissionError):
+            return UnreadableURIError(f"{self.uri}: permission denied ({_first_line(e)})")
+        if isinstance(e, IsADirectoryError):
+            return UnreadableURIError(f"{self.uri}: is a directory, expected a file")
+        # network errors, auth errors, bad endpoints: all name the URI
+        status = _http_status(e)
+        reason = f"HTTP {status}" if status else f"{e.__class__.__name__}: {_first_line(e)}"
+        return UnreadableURIError(f"{self.uri}: cannot {what} ({reason})")
 
     # -- metadata ------------------------------------------------------------------------------
 
@@ -275,10 +301,15 @@ class Location:
         return self.parent().child(name)
 
     def listdir(self) -> list[str]:
-        entries = self._call("list", self.fs.ls, self.path, detail=False)
+        path = self.path if self.remote else self._local()
+        entries = self._call("list", self.fs.ls, path, detail=False)
         return sorted(posixpath.basename(str(e).rstrip("/")) for e in entries)
 
     # -- reading -------------------------------------------------------------------------------
+
+    def _local(self) -> str:
+        """The local file to open: symlinks resolved and checked against the guard."""
+        return checked_local_path(self.path, self.uri, self.cfg.guard)
 
     def read_range(self, start: int, length: int) -> bytes:
         """Bytes ``[start, start + length)`` (fewer at the end of the file), by a ranged read.
@@ -287,12 +318,13 @@ class Location:
         """
         if length <= 0:
             return b""
-        path = self.path
         if self.remote:
             cached = self.cached_path()
             if cached is None:
                 return self._call("read", self._remote_range, start, length)
             path = cached
+        else:
+            path = self._local()
 
         def _read_local():
             with open(path, "rb") as f:
@@ -355,9 +387,10 @@ class Location:
             return False
 
     def local_path(self) -> str:
-        """A local file with this content: the file itself, or a cached download (made once)."""
+        """A local file with this content: the file itself (symlinks resolved, when guarded), or a
+        cached download (made once)."""
         if not self.remote:
-            return self.path
+            return self._local()
         target = self._cache_target()
         if self._complete(target):
             return target

@@ -16,7 +16,7 @@ from merging.spec import MergeSpec
 from service.dependencies import DispatcherDep, SettingsDep, StorageDep, StoreDep, TenantDep
 from service.errors import ApiError, not_found, spec_error
 from service.models import STATUSES
-from service.policy import PolicyError, check_spec
+from service.policy import PolicyError, check_spec, job_io_config
 from service.schemas import ArtifactList, ArtifactOut, ErrorBody, EventList, JobList, JobOut, ValidationReport, event_out, job_out
 from service.redact import redact_obj, redact_text, redact_uri
 from service.store import IdempotencyConflict
@@ -120,7 +120,7 @@ def _dry_run(spec: MergeSpec, settings) -> ValidationReport:
     from service.schemas import ErrorInfo
 
     try:
-        pf = preflight(spec, io=settings.io_config())
+        pf = preflight(spec, io=job_io_config(settings))
     except MergeError as e:
         return ValidationReport(valid=False, error=ErrorInfo(code=e.code, message=redact_text(str(e)), field=e.field))
     plan = pf.plan
