@@ -1,40 +1,50 @@
-"""Prometheus text exposition, written by hand from the job store (so it is the same on every API
-replica, whichever worker ran the jobs)."""
+"""Prometheus metrics, collected from the job store at each scrape (so every API replica and
+every uvicorn worker process answers the same, whichever worker ran the jobs), rendered by
+``prometheus-client``."""
 from __future__ import annotations
+
+from prometheus_client import generate_latest
+from prometheus_client.core import CollectorRegistry, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from service.models import STATUSES
 
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 
-def _num(v: float) -> str:
-    return repr(float(v)) if isinstance(v, float) and not float(v).is_integer() else str(int(v))
+
+class JobStoreCollector:
+    """A custom collector: nothing is counted in-process, every value is read when scraped."""
+
+    def __init__(self, store, dispatcher):
+        self.store, self.dispatcher = store, dispatcher
+
+    def collect(self):
+        counts = self.store.counts_by_status()
+        jobs = GaugeMetricFamily("submerge_jobs", "Jobs in the job store by status.", labels=["status"])
+        for status in STATUSES:
+            jobs.add_metric([status], counts.get(status, 0))
+        yield jobs
+
+        buckets, total, count = self.store.duration_histogram()
+        yield HistogramMetricFamily(
+            "submerge_job_duration_seconds", "Run time of finished jobs, from first start to finish.",
+            buckets=[(str(float(le)), n) for le, n in buckets] + [("+Inf", count)], sum_value=total)
+
+        yield GaugeMetricFamily("submerge_queue_depth", "Jobs waiting for a worker (queued in the job store).",
+                                value=counts.get("queued", 0))
+        try:
+            broker = self.dispatcher.queue_length()
+        except Exception:  # noqa: BLE001 - the broker being down shows in /readyz
+            broker = None
+        if broker is not None:
+            yield GaugeMetricFamily("submerge_broker_queue_length",
+                                    "Messages waiting in the worker queue (Celery queue or embedded pool).", value=broker)
+        age = self.store.oldest_queued_age()
+        yield GaugeMetricFamily("submerge_oldest_queued_job_age_seconds", "Age of the oldest queued job (0 when none).",
+                                value=round(age or 0.0, 3))
 
 
 def exposition(store, dispatcher) -> str:
-    lines: list[str] = []
-    counts = store.counts_by_status()
-    lines += ["# HELP submerge_jobs Jobs in the job store by status.", "# TYPE submerge_jobs gauge"]
-    for st in STATUSES:
-        lines.append(f'submerge_jobs{{status="{st}"}} {counts.get(st, 0)}')
-
-    buckets, total, count = store.duration_histogram()
-    lines += ["# HELP submerge_job_duration_seconds Run time of finished jobs, from first start to finish.",
-              "# TYPE submerge_job_duration_seconds histogram"]
-    for le, n in buckets:
-        lines.append(f'submerge_job_duration_seconds_bucket{{le="{_num(le)}"}} {n}')
-    lines.append(f'submerge_job_duration_seconds_bucket{{le="+Inf"}} {count}')
-    lines.append(f"submerge_job_duration_seconds_sum {_num(total)}")
-    lines.append(f"submerge_job_duration_seconds_count {count}")
-
-    lines += ["# HELP submerge_queue_depth Jobs waiting for a worker (queued in the job store).",
-              "# TYPE submerge_queue_depth gauge", f"submerge_queue_depth {counts.get('queued', 0)}"]
-    try:
-        broker = dispatcher.queue_length()
-    except Exception:  # noqa: BLE001 - the broker being down shows in /readyz
-        broker = None
-    if broker is not None:
-        lines += ["# HELP submerge_broker_queue_length Messages waiting in the worker queue (Celery queue or embedded pool).",
-                  "# TYPE submerge_broker_queue_length gauge", f"submerge_broker_queue_length {broker}"]
-    age = store.oldest_queued_age()
-    lines += ["# HELP submerge_oldest_queued_job_age_seconds Age of the oldest queued job (0 when none).",
-              "# TYPE submerge_oldest_queued_job_age_seconds gauge", f"submerge_oldest_queued_job_age_seconds {_num(round(age or 0.0, 3))}"]
-    return "\n".join(lines) + "\n"
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(JobStoreCollector(store, dispatcher))
+    return generate_latest(registry).decode()

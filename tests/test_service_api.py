@@ -10,6 +10,8 @@ import time
 import pytest
 import torch
 
+from service.models import STATUSES
+from tests.prom import sample, samples
 from tests.service_fixtures import *  # noqa: F401,F403
 from tests.service_fixtures import API_KEYS, MANY_SHAPES, TOKENS, job_spec, service_settings, sha256_bytes, write_family
 
@@ -313,15 +315,20 @@ def test_metrics_exposition_has_jobs_by_status(api, checkpoints, tmp_path):
         assert failed["status"] == "failed" and failed["error"]["code"] == "unreadable_uri"
         r = c.get("/metrics")
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
-        lines = r.text.splitlines()
-        assert 'submerge_jobs{status="succeeded"} 1' in lines and 'submerge_jobs{status="failed"} 1' in lines
-        assert 'submerge_jobs{status="queued"} 0' in lines
-        assert "# TYPE submerge_job_duration_seconds histogram" in lines
-        assert 'submerge_job_duration_seconds_bucket{le="+Inf"} 2' in lines and "submerge_job_duration_seconds_count 2" in lines
-        assert "submerge_queue_depth 0" in lines
-        for ln in lines:  # every sample line parses as "name{labels} value"
-            if ln and not ln.startswith("#"):
-                float(ln.rsplit(" ", 1)[1])
+        got = samples(r.text)  # prometheus-client's parser: the exposition is well-formed
+        assert "# TYPE submerge_job_duration_seconds histogram" in r.text.splitlines()
+        assert {name for name, _ in got} == {  # the series the hand-written exposition had
+            "submerge_jobs", "submerge_job_duration_seconds_bucket", "submerge_job_duration_seconds_sum",
+            "submerge_job_duration_seconds_count", "submerge_queue_depth", "submerge_broker_queue_length",
+            "submerge_oldest_queued_job_age_seconds"}
+        assert {labels for name, labels in got if name == "submerge_jobs"} == {(("status", s),) for s in STATUSES}
+        assert sample(r.text, "submerge_jobs", status="succeeded") == 1 and sample(r.text, "submerge_jobs", status="failed") == 1
+        assert sample(r.text, "submerge_jobs", status="queued") == 0
+        les = [dict(labels)["le"] for name, labels in got if name == "submerge_job_duration_seconds_bucket"]
+        assert les == ["1.0", "5.0", "15.0", "60.0", "300.0", "900.0", "3600.0", "14400.0", "43200.0", "+Inf"]
+        assert sample(r.text, "submerge_job_duration_seconds_bucket", le="+Inf") == 2
+        assert sample(r.text, "submerge_job_duration_seconds_count") == 2
+        assert sample(r.text, "submerge_queue_depth") == 0 and sample(r.text, "submerge_oldest_queued_job_age_seconds") == 0
 
 
 def test_list_newest_first_with_cursor_and_status_filter(api, checkpoints, tmp_path):

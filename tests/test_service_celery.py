@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from merging import merge
 
+from tests.prom import sample
 from tests.service_fixtures import *  # noqa: F401,F403
 from tests.service_fixtures import MANY_SHAPES, REDIS_URL, job_spec, service_settings, sha256_bytes, write_family
 
@@ -38,7 +39,7 @@ def test_celery_end_to_end_job(api, celery_worker, redis_queue, checkpoints, tmp
         for a in c.get(f"/v1/merges/{job['id']}/artifacts").json()["items"]:
             assert sha256_bytes(c.get(a["url"]).content) == a["sha256"]
         assert c.get(f"/v1/merges/{job['id']}/report").status_code == 200
-        assert "submerge_broker_queue_length 0" in c.get("/metrics").text.splitlines()
+        assert sample(c.get("/metrics").text, "submerge_broker_queue_length") == 0
         # progress moves while the worker process runs it, and the artifact is what merging.merge makes
         body = job_spec(slow_base, slow_experts, method="ties", params={"alpha": 0.7, "k": 30})
         prog = c.post("/v1/merges", json=body).json()["id"]
@@ -108,4 +109,4 @@ def test_worker_killed_mid_job_is_retried_then_worker_lost(api, celery_worker, r
         assert job["status"] == "failed" and job["error"]["code"] == "worker_lost", job
         assert job["attempts"] == 2 and "after 2 attempt(s)" in job["error"]["message"]
         assert not list(model_root.glob(f"{b}/model/*"))
-        assert 'submerge_jobs{status="failed"} 1' in c.get("/metrics").text.splitlines()
+        assert sample(c.get("/metrics").text, "submerge_jobs", status="failed") == 1

@@ -11,6 +11,7 @@ from sqlalchemy import update
 from service.db import get_engine, upgrade
 from service.models import Job, utcnow
 from service.store import IdempotencyConflict, JobStore
+from tests.prom import sample
 from tests.service_fixtures import *  # noqa: F401,F403
 from tests.service_fixtures import job_spec, service_settings, write_family
 
@@ -126,4 +127,4 @@ def test_api_end_to_end_on_postgresql(api, pg_database_url, checkpoints, tmp_pat
         assert job["status"] == "succeeded"
         assert c.post("/v1/merges", json=job_spec(base, experts), headers={"Idempotency-Key": "pg"}).json()["id"] == job["id"]
         assert c.get("/readyz").json()["checks"]["database"] == {"ok": True}
-        assert 'submerge_jobs{status="succeeded"} 1' in c.get("/metrics").text.splitlines()
+        assert sample(c.get("/metrics").text, "submerge_jobs", status="succeeded") == 1

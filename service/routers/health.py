@@ -5,7 +5,7 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from service.metrics import exposition
+from service.metrics import CONTENT_TYPE, exposition
 
 router = APIRouter(tags=["health"])
 
@@ -45,4 +45,4 @@ async def readyz(request: Request):
 @router.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
 async def metrics(request: Request):
     text = await run_in_threadpool(exposition, request.app.state.store, request.app.state.dispatcher)
-    return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+    return PlainTextResponse(text, media_type=CONTENT_TYPE)
