@@ -17,6 +17,7 @@ def test_redact_text_units():
     assert redact_text("Authorization: Bearer tok-123") == "Authorization: [redacted]"
     assert redact_text("header bearer tok-123 sent") == "header bearer [redacted] sent"
     assert redact_text("/plain/path and file:///a/b.safetensors") == "/plain/path and file:///a/b.safetensors"
+    assert redact_text("store sqlite:////tmp/d/submerge.db?mode=ro ready") == "store sqlite:////tmp/d/submerge.db ready"
 
 
 def _no_secret(text: str, where: str) -> None:

@@ -438,7 +438,8 @@ def redact_uri(uri: str) -> str:
     scheme, _ = split_scheme(uri)
     if scheme in ("", "file"):
         return uri
-    import urllib.parse
     parts = urllib.parse.urlsplit(uri)
+    if not parts.netloc:  # sqlite:////abs/path: urlunsplit would fold the empty host into the path
+        return uri.split("#", 1)[0].split("?", 1)[0]
     netloc = parts.netloc.rsplit("@", 1)[-1]
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
