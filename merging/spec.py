@@ -155,10 +155,14 @@ class EvaluationSpec(_Strict):
 
 
 class MergeSpec(_Strict):
-    method: str = Field(description="Method id, see GET /v1/methods or `submerge methods`.")
+    # minLength/minItems are stated for the JSON schema only (json_schema_extra): the validators below
+    # enforce them with messages that name the known methods and the expert count.
+    method: str = Field(description="Method id, see GET /v1/methods or `submerge methods`.",
+                        json_schema_extra={"minLength": 1})
     params: dict[str, Any] = Field(default_factory=dict, description="Method parameters; validated against the method's schema.")
     base: CheckpointRef
-    experts: list[ExpertRef] = Field(description="At least two fine-tuned checkpoints of the base.")
+    experts: list[ExpertRef] = Field(description="At least two fine-tuned checkpoints of the base.",
+                                     json_schema_extra={"minItems": 2})
     output: OutputSpec
     roles: list[RoleOverrideSpec] = Field(default_factory=list, description="Layer-role overrides; first match wins.")
     passthrough: list[str] = Field(default_factory=list, description="Glob patterns of keys copied from the base unmerged.")

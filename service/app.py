@@ -17,8 +17,10 @@ from merging import __version__
 from service import errors
 from service.auth import parse_keys
 from service.config import Settings, get_settings
-from service.dispatch import Reaper, make_dispatcher
+from service.dispatch import make_dispatcher
 from service.limits import BodySizeLimit
+from service.logs import AccessLog
+from service.reaper import Reaper
 from service.redact import install_log_redaction, register_secret
 from service.routers import health, merges, methods
 from service.storage import Storage
@@ -64,6 +66,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.storage = Storage(settings)
     errors.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    if settings.access_log:  # added last: outermost, so it also logs the 413s of BodySizeLimit
+        app.add_middleware(AccessLog)
     app.include_router(merges.router)
     app.include_router(methods.router)
     app.include_router(health.router)
@@ -86,6 +90,8 @@ def _add_spec_schema(app: FastAPI) -> None:
         comps = schema.setdefault("components", {}).setdefault("schemas", {})
         for name, sub in spec_schema.pop("$defs", {}).items():
             comps.setdefault(name, sub)
+        # The library has no cap on experts; the service refuses more than SUBMERGE_MAX_EXPERTS (422).
+        spec_schema["properties"]["experts"]["maxItems"] = app.state.settings.max_experts
         comps["MergeSpec"] = spec_schema
         app.openapi_schema = schema
         return schema

@@ -28,9 +28,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import uvicorn
 
         from service.app import create_app
+        from service.logs import logging_config
     except Exception as e:  # noqa: BLE001 - ImportError, or an error raised while importing the app
         return _import_failed("the REST API (service.app:create_app)", e)
-    uvicorn.run(create_app(), host=args.host, port=args.port, log_level=args.log_level)
+    # One log format for uvicorn's and our loggers on stderr; uvicorn's own access log is off because
+    # the app's AccessLog middleware writes a redacted line per request (service/logs.py).
+    uvicorn.run(create_app(), host=args.host, port=args.port, log_level=args.log_level,
+                log_config=logging_config(args.log_level), access_log=False)
     return EXIT_OK
 
 

@@ -50,6 +50,12 @@ class Settings(BaseSettings):
         "CIDRs that http(s) inputs and callbacks may resolve to although private/loopback (SSRF guard exceptions)."))
 
     max_request_bytes: int = Field(1 << 20, ge=1, description="Largest request body accepted; larger ones get 413 request_too_large.")
+    max_experts: int = Field(256, ge=2, description=(
+        "Most experts one spec may list; more get 422 invalid_spec (field experts). Each expert is read for "
+        "every tensor, so the cap bounds the work and memory one request can ask for."))
+    access_log: bool = Field(True, description=(
+        "Log one line per request on logger submerge.access (client, method, path with secret query values "
+        "redacted, HTTP version, status, duration)."))
 
     # -- jobs ------------------------------------------------------------------------------------
     max_attempts: int = Field(3, ge=1, description="Attempts before a job whose worker keeps dying fails with worker_lost.")
@@ -60,6 +66,9 @@ class Settings(BaseSettings):
     queue: str = Field("submerge", description="Celery queue name.")
     lease_seconds: float = Field(60.0, gt=0, description="A running job whose worker has not heartbeated for this long is retried or failed.")
     reaper_interval: float = Field(10.0, gt=0, description="How often stale leases are looked for (API and workers).")
+    requeue_after: float = Field(30.0, gt=0, description=(
+        "A job queued this many seconds after it was handed to the queue, with no message of it waiting there "
+        "(e.g. Redis lost its data), is sent again by the reaper's sweep."))
     job_soft_time_limit: int = Field(6 * 3600, ge=1, description="Seconds after which a job is stopped with time_limit.")
     job_time_limit: int | None = Field(None, ge=1, description="Hard Celery time limit; default soft limit + 600 s.")
     progress_interval: float = Field(1.0, gt=0, description="Minimum seconds between progress writes to the job store.")

@@ -1,16 +1,33 @@
 """How a queued job reaches a worker: the embedded in-process pool, or Celery on Redis.
 
-Both run the same task function, ``workers.tasks.run_job``.
+Both run the same task function, ``workers.tasks.run_job``. ``send`` is how every caller (submit,
+the reaper) hands a job over: it stamps ``dispatched_at`` first, so the reaper's sweep
+(service/reaper.py) can tell a job whose message was lost from one whose message still waits
+(``Dispatcher.waiting``).
 """
 from __future__ import annotations
 
+import datetime as dt
+import json
 import logging
-import threading
+import uuid
+from dataclasses import dataclass
 
 from service.config import Settings
 from service.store import JobStore
 
 log = logging.getLogger("submerge.dispatch")
+
+# Most messages one look at the Celery queue reads (about 1 KB each): a longer queue is reported
+# incomplete, and jobs dispatched earlier are then assumed to be in the part not read.
+SCAN_LIMIT = 2000
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """Jobs with a message waiting for a worker; ``complete``: no other job has one."""
+    ids: frozenset[str]
+    complete: bool
 
 
 class Dispatcher:
@@ -19,6 +36,8 @@ class Dispatcher:
     def submit(self, job_id: str) -> None: raise NotImplementedError
     def queue_length(self) -> int | None: return None
     def ping(self) -> None: ...
+    # Which jobs have a message waiting. Unknown here: the sweep then re-sends only jobs never sent.
+    def waiting(self) -> Waiting: return Waiting(frozenset(), False)
 
 
 class EmbeddedDispatcher(Dispatcher):
@@ -38,6 +57,9 @@ class EmbeddedDispatcher(Dispatcher):
     def queue_length(self) -> int | None:
         return self.pool.backlog()
 
+    def waiting(self) -> Waiting:
+        return Waiting(frozenset(self.pool.waiting()), True)
+
 
 class CeleryDispatcher(Dispatcher):
     def __init__(self, settings: Settings):
@@ -48,7 +70,7 @@ class CeleryDispatcher(Dispatcher):
 
     def submit(self, job_id: str) -> None:
         from workers.celery_app import TASK_NAME
-        self.app.send_task(TASK_NAME, args=[job_id], queue=self.settings.queue)
+        self.app.send_task(TASK_NAME, args=[job_id], queue=self.settings.queue, task_id=task_id(job_id))
 
     def _client(self):
         if self._redis is None:
@@ -62,6 +84,22 @@ class CeleryDispatcher(Dispatcher):
     def ping(self) -> None:
         self._client().ping()
 
+    def waiting(self) -> Waiting:
+        """The jobs of the messages in the queue's Redis list, where kombu's Redis transport keeps
+        each message (JSON, the task id in its headers) until a worker takes it. The oldest
+        SCAN_LIMIT are read: workers take from that end, and the sweep looks for old jobs."""
+        with self._client().pipeline() as p:  # MULTI: the length belongs to the messages read
+            p.llen(self.settings.queue)
+            p.lrange(self.settings.queue, -SCAN_LIMIT, -1)
+            length, raw = p.execute()
+        ids = set()
+        for message in raw:
+            try:
+                ids.add(job_of(json.loads(message)["headers"]["id"]))
+            except (ValueError, KeyError, TypeError, AttributeError):  # not a task message: skip it
+                continue
+        return Waiting(frozenset(ids), complete=length <= SCAN_LIMIT)
+
     def stop(self) -> None:
         if self._redis is not None:
             self._redis.close()
@@ -71,47 +109,30 @@ def make_dispatcher(settings: Settings, store: JobStore) -> Dispatcher:
     return EmbeddedDispatcher(settings, store) if settings.embedded else CeleryDispatcher(settings)
 
 
-class Reaper:
-    """Looks for jobs whose worker stopped heartbeating: requeues them (dispatching them again),
-    or fails them with worker_lost after max_attempts. Runs in the API and in every Celery worker;
-    the store's conditional updates make concurrent reapers safe."""
+def task_id(job_id: str) -> str:
+    """A Celery task id that names its job (``job_of`` reads it back), unique per message."""
+    return f"{job_id}.{uuid.uuid4().hex[:12]}"
 
-    def __init__(self, settings: Settings, store: JobStore, dispatcher: Dispatcher):
-        self.settings, self.store, self.dispatcher = settings, store, dispatcher
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="submerge-reaper", daemon=True)
-        self._thread.start()
+def job_of(celery_id: str) -> str:
+    return celery_id.rpartition(".")[0]
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
 
-    def run_once(self) -> list:
-        reaped = self.store.reap()
-        for r in reaped:
-            log.warning("job %s: worker lost its lease -> %s", r.job_id, r.outcome)
-            if r.outcome == "requeued":
-                try:
-                    self.dispatcher.submit(r.job_id)
-                except Exception:  # noqa: BLE001 - the next pass cannot see it (queued): fail it instead
-                    log.exception("job %s: cannot dispatch retry", r.job_id)
-            else:  # failed for good: a failed job keeps nothing in storage (the lost attempt may have left files)
-                from service.storage import Storage
-                from service.webhooks import deliver_async
-                try:
-                    Storage(self.settings).clear_job(r.job_id)
-                except Exception:  # noqa: BLE001 - storage trouble must not stop the reaper
-                    log.exception("job %s: cannot remove what the lost attempt left", r.job_id)
-                deliver_async(r.job_id, self.settings, self.store)
-        return reaped
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.settings.reaper_interval):
-            try:
-                self.run_once()
-            except Exception:  # noqa: BLE001 - keep reaping after a database hiccup
-                log.exception("reaper pass failed")
+def send(store: JobStore, dispatcher: Dispatcher, job_id: str, expected: dt.datetime | None = None) -> bool:
+    """Hand a queued job to the queue: stamp ``dispatched_at`` if it is still ``expected`` (None:
+    not dispatched), then send. False when the job is no longer queued or another sender won the
+    stamp. The stamp comes first so that a crash between the two leaves a job the sweep re-sends
+    (stamped, no message) rather than a message the store does not know about. A failed send
+    removes the stamp and raises: the job stays queued, and the next sweep sends it."""
+    stamp = store.mark_dispatched(job_id, expected)
+    if stamp is None:
+        return False
+    try:
+        dispatcher.submit(job_id)
+    except Exception:
+        try:
+            store.unmark_dispatched(job_id, stamp)
+        except Exception:  # noqa: BLE001 - the stamp then only delays the sweep's retry to requeue_after
+            log.exception("job %s: cannot clear its dispatch stamp", job_id)
+        raise
+    return True

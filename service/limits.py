@@ -1,4 +1,12 @@
-"""Request size limit: bodies over ``SUBMERGE_MAX_REQUEST_BYTES`` are refused with 413 ``request_too_large``.
+"""Request limits: body size (``BodySizeLimit``) and JSON nesting depth (``MAX_JSON_DEPTH``).
+
+JSON bodies nested deeper than ``MAX_JSON_DEPTH`` (64) levels are refused with 422 ``invalid_json``
+(service/routers/merges.py ``_body``). A merge spec needs about six levels; without a limit, a
+1 MiB body of ``[`` made json's recursive parser (or any later recursive walk of the parsed
+value, such as ``copy.deepcopy``) raise RecursionError: a plain-text 500 and a reset connection.
+``json_depth_exceeds`` walks the parsed value with an explicit stack, so it cannot recurse itself.
+
+Bodies over ``SUBMERGE_MAX_REQUEST_BYTES`` are refused with 413 ``request_too_large``.
 
 A pure ASGI middleware: a declared ``Content-Length`` over the limit is refused without passing the
 body to the app; a body without one (chunked transfer encoding) is counted as it streams in and
@@ -17,6 +25,25 @@ from service.errors import ApiError
 
 
 DRAIN_BYTES = 16 << 20
+MAX_JSON_DEPTH = 64
+
+
+def json_depth_exceeds(value, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether a parsed JSON value nests objects/arrays deeper than ``limit`` (a top-level
+    object or array is depth 1; scalars add nothing). Iterative, so any depth is safe to check."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 class RequestTooLarge(ApiError):

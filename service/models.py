@@ -47,6 +47,10 @@ class Job(Base):
     max_attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=3)
     worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
     lease_until: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    # When a queued job was last handed to the queue; None: not since it (re)entered `queued`.
+    # The reaper's sweep re-sends a queued job whose message the queue lost (the job store, not
+    # the broker, is the source of truth), and compares this stamp to be the only one to do so.
+    dispatched_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
 
     error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)

@@ -16,10 +16,13 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Mapping
+from urllib.parse import unquote_plus
 
 from merging.io.sources import redact_uri
 
-__all__ = ["MASK", "install_log_redaction", "redact_obj", "redact_spec", "redact_text", "redact_uri", "register_secret"]
+__all__ = ["MASK", "install_log_redaction", "redact_obj", "redact_query", "redact_spec", "redact_text", "redact_uri",
+           "register_secret"]
 
 _URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s'\"<>`]+")
 _BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=\-]+")
@@ -27,6 +30,11 @@ _AUTH_HEADER = re.compile(r"(?i)(authorization['\"]?\s*[:=]\s*['\"]?)(?:(?:beare
 _SECRETS: set[str] = set()
 _LOCK = threading.Lock()
 MASK = "[redacted]"
+# Query parameters whose values are secrets: presigned S3/GCS/Azure signatures and credentials
+# (X-Amz-Signature, X-Amz-Credential, X-Amz-Security-Token, Signature, sig), tokens (token,
+# access_token), API keys, passwords, session ids. Matched anywhere in the name, case-insensitively:
+# redacting a harmless value in a log line costs nothing, missing a secret does.
+_SECRET_PARAM = re.compile(r"(?i)sig|token|secret|passw|credential|auth|key|session")
 
 
 def register_secret(value: str | None) -> None:
@@ -47,6 +55,18 @@ def redact_text(text: str | None) -> str | None:
         if s in text:
             text = text.replace(s, MASK)
     return text
+
+
+def redact_query(query: str) -> str:
+    """A URL query string (``a=1&X-Amz-Signature=...``) with the value of every parameter whose name
+    looks secret replaced by ``[redacted]``; the other parameters stay readable (for access logs)."""
+    parts = []
+    for part in query.split("&"):
+        name, eq, _ = part.partition("=")
+        if eq and _SECRET_PARAM.search(unquote_plus(name)):
+            part = f"{name}={MASK}"
+        parts.append(part)
+    return "&".join(parts)
 
 
 def redact_obj(obj):
@@ -85,10 +105,7 @@ def install_log_redaction() -> None:
     def factory(*args, **kwargs):
         record = previous(*args, **kwargs)
         try:
-            message = record.getMessage()
-            clean = redact_text(message)
-            if clean != message or record.args:
-                record.msg, record.args = clean, ()
+            _redact_record(record)
             if record.exc_info and record.exc_info[0] is not None and not record.exc_text:
                 record.exc_text = redact_text(logging.Formatter().formatException(record.exc_info))
         except Exception:  # noqa: BLE001 - never break logging
@@ -96,3 +113,33 @@ def install_log_redaction() -> None:
         return record
 
     logging.setLogRecordFactory(factory)
+
+
+def _redact_args(args):
+    if isinstance(args, Mapping):
+        return {k: redact_text(v) if isinstance(v, str) else v for k, v in args.items()}
+    if isinstance(args, tuple):
+        return tuple(redact_text(a) if isinstance(a, str) else a for a in args)
+    return args
+
+
+def _redact_record(record: logging.LogRecord) -> None:
+    """Redact a record's message in place, keeping ``record.args`` whenever that is safe.
+
+    Formatters may need the arguments themselves (uvicorn's access formatter unpacks five of them),
+    so a record without secrets is left alone, and one with secrets gets its message template and
+    each string argument redacted separately. Only when that does not yield a clean message (a
+    secret split across arguments, inside a non-string argument, or a template whose placeholders
+    redaction changed) is the record collapsed to its redacted text with no arguments."""
+    message = record.getMessage()
+    clean = redact_text(message)
+    if clean == message:
+        return
+    msg = redact_text(record.msg) if isinstance(record.msg, str) else record.msg
+    args = _redact_args(record.args)
+    try:
+        formatted = str(msg) % args if args else str(msg)  # what LogRecord.getMessage() will do
+        safe = redact_text(formatted) == formatted
+    except Exception:  # noqa: BLE001 - placeholders and arguments no longer fit
+        safe = False
+    record.msg, record.args = (msg, args) if safe else (clean, ())

@@ -5,7 +5,13 @@ Claiming: a worker runs a job only after ``claim`` moved it from ``queued`` to `
 (counting the attempt and taking a lease); a duplicate delivery of the same job finds it
 claimed and does nothing. A running job's worker renews the lease (``heartbeat``); when a
 worker dies its lease runs out and ``reap`` requeues the job, or fails it with
-``worker_lost`` once ``max_attempts`` attempts were made.
+``worker_lost`` once ``max_attempts`` attempts were made. A graceful ``release`` gives the attempt
+back: attempts count crashes, not restarts.
+
+Dispatching: the store, not the broker, says which jobs wait. ``dispatched_at`` records when a
+queued job was last handed to the queue (stamped before the message is sent, by a conditional
+update, so of several senders only one sends); the reaper's sweep re-sends queued jobs whose
+message is gone (``requeue_candidates``).
 """
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, case, func, select, text, update
+from sqlalchemy import and_, case, func, or_, select, text, true, update
 from sqlalchemy.exc import IntegrityError
 
 from service.db import session_factory
@@ -22,6 +28,7 @@ from service.models import FINISHED, Job, JobEvent, utcnow
 from service.redact import redact_obj, redact_text
 
 DURATION_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 12 * 3600)
+HELD = ("running", "cancelling")  # statuses in which a worker holds the job
 
 
 class IdempotencyConflict(Exception):
@@ -191,11 +198,14 @@ class JobStore:
             return True
 
     def release(self, job_id: str, worker: str, reason: str) -> bool:
-        """Put a job this worker holds back in the queue (e.g. the worker is shutting down)."""
+        """Put a job this worker holds back in the queue (e.g. the worker is shutting down). The
+        attempt is given back: ``max_attempts`` bounds attempts that crashed, and an interrupted one
+        did not (three graceful restarts during one job must not use up its attempts)."""
         now = utcnow()
         with self.Session.begin() as s:
             r = s.execute(update(Job).where(Job.id == job_id, Job.worker == worker, Job.status == "running")
-                          .values(status="queued", worker=None, lease_until=None, updated_at=now))
+                          .values(status="queued", worker=None, lease_until=None, updated_at=now, dispatched_at=None,
+                                  attempts=Job.attempts - 1))
             if r.rowcount:
                 s.add(JobEvent(job_id=job_id, at=now, type="retry", data={"reason": reason}))
             return bool(r.rowcount)
@@ -204,29 +214,76 @@ class JobStore:
         """Jobs whose worker stopped renewing its lease: requeue, or fail with worker_lost after
         max_attempts, or (when a cancel was pending) cancel."""
         now = utcnow()
-        out: list[Reaped] = []
         with self.Session() as s:
-            stale = list(s.scalars(select(Job).where(Job.status.in_(("running", "cancelling")), Job.lease_until < now)))
-        for job in stale:
-            guard = and_(Job.id == job.id, Job.status == job.status, Job.worker == job.worker, Job.lease_until < now)
-            lost = f"worker {job.worker} stopped responding during attempt {job.attempts} of {job.max_attempts}"
-            with self.Session.begin() as s:
-                if job.status == "cancelling":
-                    values = {"status": "cancelled", "error_code": "cancelled", "error_message": "cancelled", "finished_at": now}
-                    outcome, event = "cancelled", ("finished", {"status": "cancelled"})
-                elif job.attempts >= job.max_attempts:
-                    msg = f"{lost}; giving up after {job.attempts} attempt(s)"
-                    values = {"status": "failed", "error_code": "worker_lost", "error_message": msg, "finished_at": now,
-                              "duration_seconds": (now - job.started_at).total_seconds() if job.started_at else None}
-                    outcome, event = "failed", ("finished", {"status": "failed", "error": {"code": "worker_lost", "message": msg}})
-                else:
-                    values = {"status": "queued", "worker": None}
-                    outcome, event = "requeued", ("retry", {"reason": "worker_lost", "message": lost, "attempt": job.attempts})
-                r = s.execute(update(Job).where(guard).values(lease_until=None, updated_at=now, **values))
-                if r.rowcount:
-                    s.add(JobEvent(job_id=job.id, at=now, type=event[0], data=event[1]))
-                    out.append(Reaped(job.id, outcome))
-        return out
+            stale = list(s.scalars(select(Job).where(Job.status.in_(HELD), Job.lease_until < now)))
+        return [r for job in stale if (r := self._lose(job, now, Job.lease_until < now, "stopped responding")) is not None]
+
+    def reclaim(self, owner: str) -> list[Reaped]:
+        """Jobs still held by workers named ``.../<owner>`` when the caller knows that owner is gone
+        (an embedded server restarted on its data directory): settled as ``reap`` does, without
+        waiting for their leases to run out."""
+        now = utcnow()
+        with self.Session() as s:
+            held = [j for j in s.scalars(select(Job).where(Job.status.in_(HELD), Job.worker.is_not(None)))
+                    if j.worker.endswith(f"/{owner}")]
+        return [r for job in held if (r := self._lose(job, now, true(), "died with its server")) is not None]
+
+    def _lose(self, job: Job, now: dt.datetime, still, how: str) -> Reaped | None:
+        """Settle a job whose worker is gone: cancelled when a cancel was pending, failed with
+        worker_lost once max_attempts attempts started, else queued again (the lost attempt counts).
+        The update is guarded by the status and worker that were read (and ``still``), so of
+        several reapers only one settles it."""
+        guard = and_(Job.id == job.id, Job.status == job.status, Job.worker == job.worker, still)
+        lost = f"worker {job.worker} {how} during attempt {job.attempts} of {job.max_attempts}"
+        with self.Session.begin() as s:
+            if job.status == "cancelling":
+                values = {"status": "cancelled", "error_code": "cancelled", "error_message": "cancelled", "finished_at": now}
+                outcome, event = "cancelled", ("finished", {"status": "cancelled"})
+            elif job.attempts >= job.max_attempts:
+                msg = f"{lost}; giving up after {job.attempts} attempt(s)"
+                values = {"status": "failed", "error_code": "worker_lost", "error_message": msg, "finished_at": now,
+                          "duration_seconds": (now - job.started_at).total_seconds() if job.started_at else None}
+                outcome, event = "failed", ("finished", {"status": "failed", "error": {"code": "worker_lost", "message": msg}})
+            else:
+                values = {"status": "queued", "worker": None, "dispatched_at": None}
+                outcome, event = "requeued", ("retry", {"reason": "worker_lost", "message": lost, "attempt": job.attempts})
+            r = s.execute(update(Job).where(guard).values(lease_until=None, updated_at=now, **values))
+            if not r.rowcount:
+                return None
+            s.add(JobEvent(job_id=job.id, at=now, type=event[0], data=event[1]))
+            return Reaped(job.id, outcome)
+
+    # -- dispatch bookkeeping --------------------------------------------------------------------
+
+    def mark_dispatched(self, job_id: str, expected: dt.datetime | None = None) -> dt.datetime | None:
+        """Stamp a queued job as handed to the queue now, if its stamp is still ``expected`` (None:
+        not dispatched). Returns the new stamp, or None when the job is no longer queued or another
+        sender stamped it first (that one sends the message: one message per stamp)."""
+        now = utcnow()
+        same = Job.dispatched_at.is_(None) if expected is None else Job.dispatched_at == expected
+        with self.Session.begin() as s:
+            r = s.execute(update(Job).where(Job.id == job_id, Job.status == "queued", same).values(dispatched_at=now))
+        return now if r.rowcount else None
+
+    def unmark_dispatched(self, job_id: str, stamp: dt.datetime) -> None:
+        """The message stamped ``stamp`` could not be sent: back to "not dispatched", so the next
+        sweep retries it after the short grace instead of after ``requeue_after``."""
+        with self.Session.begin() as s:
+            s.execute(update(Job).where(Job.id == job_id, Job.dispatched_at == stamp).values(dispatched_at=None))
+
+    def requeue_candidates(self, requeue_after: float, grace: float,
+                           limit: int = 2000) -> list[tuple[str, dt.datetime | None]]:
+        """Queued jobs that may have no message: not dispatched for ``grace`` seconds since they
+        became queued, or dispatched more than ``requeue_after`` seconds ago; (id, dispatched_at),
+        oldest first, at most ``limit`` (as many as the sweep reads of the Celery queue: bounded work
+        per pass, and newer jobs get their turn once older ones leave the queue)."""
+        now = utcnow()
+        with self.Session() as s:
+            rows = s.execute(select(Job.id, Job.dispatched_at).where(
+                Job.status == "queued",
+                or_(and_(Job.dispatched_at.is_(None), Job.updated_at < now - dt.timedelta(seconds=grace)),
+                    Job.dispatched_at < now - dt.timedelta(seconds=requeue_after))).order_by(Job.seq).limit(limit))
+            return [(job_id, stamp) for job_id, stamp in rows]
 
     # -- metrics and health ----------------------------------------------------------------------
 

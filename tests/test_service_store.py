@@ -1,14 +1,18 @@
 """The job store on SQLite and PostgreSQL (127.0.0.1:5432, skipped only when unreachable):
-alembic migrations, idempotent creation, exclusive claims, lease reaping with the attempt cap."""
+alembic migrations, idempotent creation, exclusive claims, lease reaping with the attempt cap, the
+attempt a graceful release gives back, dispatch stamps and the sweep's candidates, and the reclaim
+of a dead embedded server's jobs."""
 from __future__ import annotations
 
 import datetime as dt
 import threading
 
 import pytest
-from sqlalchemy import update
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import text, update
 
-from service.db import get_engine, upgrade
+from service.db import MIGRATIONS, get_engine, upgrade
 from service.models import Job, utcnow
 from service.store import IdempotencyConflict, JobStore
 from tests.prom import sample
@@ -38,7 +42,24 @@ def test_migrations_match_models_and_are_idempotent(db_url):
     with get_engine(db_url).connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
         assert diff == [], diff
-        assert MigrationContext.configure(conn).get_current_revision() == "0001"
+        assert MigrationContext.configure(conn).get_current_revision() == "0002"
+
+
+def test_migration_0002_keeps_queued_jobs_as_not_dispatched(db_url):
+    cfg = Config()
+    cfg.set_main_option("script_location", MIGRATIONS)
+    with get_engine(db_url).connect() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+        conn.execute(text("INSERT INTO jobs (id, tenant, status, method, spec, progress_done, progress_total, attempts, "
+                          "max_attempts, created_at, updated_at) VALUES ('j1', 't', 'queued', 'm', '{}', 0, 0, 0, 3, "
+                          "'2025-01-01 00:00:00', '2025-01-01 00:00:00')"))
+        conn.commit()
+    upgrade(db_url)
+    store = JobStore(db_url)
+    job = store.get("j1")
+    assert job.status == "queued" and job.dispatched_at is None
+    assert store.requeue_candidates(30, 5) == [("j1", None)]  # the sweep sends it
 
 
 def test_idempotent_create_claim_heartbeat_finish(db_url):
@@ -106,6 +127,88 @@ def test_reap_requeues_then_fails_worker_lost(db_url):
     assert counts == {"failed": 1}
     buckets, total, n = store.duration_histogram()
     assert n == 1 and buckets[-1][1] == 1
+
+
+def _age(store: JobStore, job_id: str, **seconds_ago: float) -> None:
+    with store.Session.begin() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(
+            **{col: utcnow() - dt.timedelta(seconds=ago) for col, ago in seconds_ago.items()}))
+
+
+def test_release_gives_the_attempt_back(db_url):
+    upgrade(db_url)
+    store = JobStore(db_url)
+    j, _ = store.create(tenant="t", method="m", spec={}, requested_output=None, max_attempts=2)
+    for i in range(3):  # more graceful stops than max_attempts: the job stays claimable
+        assert store.mark_dispatched(j.id)
+        assert store.claim(j.id, f"w{i}", 30).attempts == 1
+        assert store.release(j.id, f"w{i}", "worker shutting down")
+        job = store.get(j.id)
+        assert (job.status, job.attempts, job.worker, job.dispatched_at) == ("queued", 0, None, None)
+    assert not store.release(j.id, "w0", "again")  # only the holder releases, once
+    assert store.claim(j.id, "w9", 30).attempts == 1
+    _expire(store, j.id)
+    [r] = store.reap()  # a crash still counts
+    assert r.outcome == "requeued" and store.get(j.id).attempts == 1
+    assert [e.type for e in store.events(j.id)].count("retry") == 4
+
+
+def test_dispatch_stamp_and_requeue_candidates(db_url):
+    upgrade(db_url)
+    store = JobStore(db_url)
+    a, _ = store.create(tenant="t", method="m", spec={}, requested_output=None, max_attempts=2)
+    b, _ = store.create(tenant="t", method="m", spec={}, requested_output=None, max_attempts=2)
+    assert store.requeue_candidates(30, 5) == []  # just queued: left to whoever queues them
+    _age(store, a.id, updated_at=10)
+    assert store.requeue_candidates(30, 5) == [(a.id, None)]  # never dispatched, grace over
+    stamp = store.mark_dispatched(a.id)
+    assert stamp is not None and store.mark_dispatched(a.id) is None  # a second sender loses
+    assert store.requeue_candidates(30, 5) == []  # dispatched recently
+    _age(store, a.id, dispatched_at=60)
+    [(job_id, old)] = store.requeue_candidates(30, 5)
+    assert job_id == a.id and old < stamp
+    assert store.mark_dispatched(a.id, expected=stamp) is None  # stale expectation
+    again = store.mark_dispatched(a.id, expected=old)
+    assert again is not None and store.mark_dispatched(a.id, expected=old) is None
+    store.unmark_dispatched(a.id, stamp)  # not its stamp any more: no effect
+    assert store.get(a.id).dispatched_at == again
+    store.unmark_dispatched(a.id, again)  # the send failed
+    assert store.get(a.id).dispatched_at is None
+    assert store.claim(b.id, "w", 30) and store.mark_dispatched(b.id) is None  # only queued jobs
+    _age(store, b.id, updated_at=10)
+    assert [c[0] for c in store.requeue_candidates(30, 5)] == [a.id]
+    _expire(store, b.id)
+    assert store.reap()[0].outcome == "requeued" and store.get(b.id).dispatched_at is None
+
+
+def test_reclaim_settles_a_dead_owners_jobs_at_once(db_url):
+    upgrade(db_url)
+    store = JobStore(db_url)
+
+    def held(worker, attempts=1, cancel=False):
+        j, _ = store.create(tenant="t", method="m", spec={}, requested_output=None, max_attempts=2)
+        for i in range(attempts):
+            if i:
+                _expire(store, j.id)
+                store.reap()
+            store.claim(j.id, worker, 300)  # a long lease: reclaim does not wait for it
+        if cancel:
+            store.cancel(j.id, "t")
+        return j.id
+
+    mine = "host/1/aaaa/embedded-abc"
+    retry, lost, cancelled = held(mine), held(mine.replace("aaaa", "bbbb"), attempts=2), held(mine, cancel=True)
+    others = [held("host/1/cccc/embedded-abcd"), held("host/1/dddd"), held("host/1/eeee/embedded-xyz")]
+    got = {r.job_id: r.outcome for r in store.reclaim("embedded-abc")}
+    assert got == {retry: "requeued", lost: "failed", cancelled: "cancelled"}
+    job = store.get(retry)
+    assert (job.status, job.attempts, job.worker, job.dispatched_at) == ("queued", 1, None, None)
+    assert store.events(retry)[-1].data["reason"] == "worker_lost"
+    job = store.get(lost)
+    assert job.status == "failed" and job.error_code == "worker_lost" and "after 2 attempt(s)" in job.error_message
+    assert store.get(cancelled).status == "cancelled"
+    assert [store.get(o).status for o in others] == ["running"] * 3
+    assert store.reclaim("embedded-abc") == []
 
 
 def test_list_pagination(db_url):

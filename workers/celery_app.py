@@ -6,7 +6,9 @@ never redelivered while its job may still run. Double execution is prevented ind
 the job store's claim (``JobStore.claim``): a redelivered message for a running or finished job
 does nothing. A worker that dies (OOM, SIGKILL) stops renewing its job's lease; the reaper (in
 the API and in every worker) requeues the job, or fails it with ``worker_lost`` after
-``SUBMERGE_MAX_ATTEMPTS`` attempts, so a job that kills its worker does not loop.
+``SUBMERGE_MAX_ATTEMPTS`` attempts, so a job that kills its worker does not loop. The reaper
+also sends again every queued job whose message the broker lost (service/reaper.py: the job
+store, not Redis, says what must run).
 """
 from __future__ import annotations
 
@@ -64,7 +66,8 @@ def _on_worker_init(sender=None, **_):
 @signals.worker_ready.connect(weak=False)
 def _on_worker_ready(sender=None, **_):
     global _reaper
-    from service.dispatch import CeleryDispatcher, Reaper
+    from service.dispatch import CeleryDispatcher
+    from service.reaper import Reaper
     from service.store import JobStore
     settings = app.conf.submerge_settings
     _reaper = Reaper(settings, JobStore(settings.db_url), CeleryDispatcher(settings))

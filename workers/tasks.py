@@ -28,8 +28,11 @@ from service.store import JobStore
 log = logging.getLogger("submerge.worker")
 
 
-def worker_name() -> str:
-    return f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+def worker_name(owner: str | None = None) -> str:
+    """``host/pid/token``, plus ``/owner`` for an embedded server (workers.ownership), which lets a
+    restarted server find the jobs it held when it died."""
+    name = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+    return f"{name}/{owner}" if owner else name
 
 
 class _Monitor(threading.Thread):
@@ -138,9 +141,11 @@ def _report(job, outcome, artifacts: list[dict], timings: dict) -> dict:
     }
 
 
-def run_job(job_id: str, settings: Settings | None = None, *, stop_event: threading.Event | None = None) -> str:
+def run_job(job_id: str, settings: Settings | None = None, *, stop_event: threading.Event | None = None,
+            owner: str | None = None) -> str:
     """Run one job end to end. Returns the outcome (a job status, or ``skipped`` when the job was
-    not claimable, or ``released`` when ``stop_event`` interrupted it and it went back to the queue)."""
+    not claimable, or ``released`` when ``stop_event`` interrupted it and it went back to the queue).
+    ``owner``: the embedded server's identity, carried in the worker name."""
     from evaluation.pipeline import run_pipeline
     from merging.spec import MergeSpec
     from service.policy import PolicyError, check_spec, job_io_config
@@ -151,7 +156,7 @@ def run_job(job_id: str, settings: Settings | None = None, *, stop_event: thread
     install_log_redaction()
     register_secret(settings.webhook_secret)
     store = JobStore(settings.db_url)
-    worker = worker_name()
+    worker = worker_name(owner)
     job = store.claim(job_id, worker, settings.lease_seconds)
     if job is None:
         log.info("job %s: not claimable (already taken, finished or cancelled)", job_id)

@@ -5,16 +5,20 @@ import base64
 import copy
 import hashlib
 import json
+import re
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from pydantic import ValidationError
+from starlette.convertors import Convertor, register_url_convertor
 
 from merging.spec import MergeSpec
 from service.dependencies import DispatcherDep, SettingsDep, StorageDep, StoreDep, TenantDep
+from service.dispatch import send
 from service.errors import ApiError, not_found, spec_error
+from service.limits import MAX_JSON_DEPTH, json_depth_exceeds
 from service.models import STATUSES
 from service.policy import PolicyError, check_spec, job_io_config
 from service.schemas import ArtifactList, ArtifactOut, ErrorBody, EventList, JobList, JobOut, ValidationReport, event_out, job_out
@@ -23,21 +27,63 @@ from service.store import IdempotencyConflict
 
 router = APIRouter(prefix="/v1", tags=["merges"])
 
+_ERROR_JSON = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
 SPEC_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/MergeSpec"}}},
                              "description": "A merging.spec.MergeSpec. `output` may be left out: the service publishes to its own "
-                                            "storage ({storage}/{job_id}/model); `output.uri`, if given, is recorded as requested_output."}}
+                                            "storage ({storage}/{job_id}/model); `output.uri`, if given, is recorded as requested_output."},
+             # the spec body is read by _body, not by FastAPI, so its errors are declared here
+             "responses": {
+                 "413": {"description": "Request body larger than SUBMERGE_MAX_REQUEST_BYTES", "content": _ERROR_JSON},
+                 "415": {"description": "Content-Type is not application/json", "content": _ERROR_JSON}}}
 ERRORS = {401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 422: {"model": ErrorBody}}
 PLACEHOLDER_OUTPUT = "service://job-storage"
+# application/json, or a structured-syntax JSON type (application/merge-spec+json); parameters such as
+# charset are allowed. Anything else is refused: a web page can POST text/plain (or no content type)
+# cross-origin without a CORS preflight, and on loopback authentication is off.
+_JSON_MEDIA_TYPE = re.compile(r"application/(?:[\w.+-]+\+)?json", re.IGNORECASE)
+
+
+class _JobIdConvertor(Convertor):
+    """``{job_id:job_id}``: a path segment without ':' (job ids are UUIDs), so /v1/merges/{id}:cancel
+    is never also a GET /v1/merges/{job_id} URL and a 405's Allow header names only POST for it."""
+    regex = "[^/:]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("job_id", _JobIdConvertor())
+
+
+def _too_deep() -> ApiError:
+    return ApiError(422, "invalid_json", f"request body is nested deeper than {MAX_JSON_DEPTH} levels")
 
 
 async def _body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
+    """The spec body: JSON (415 otherwise), at most MAX_JSON_DEPTH deep, an object, and at most
+    SUBMERGE_MAX_EXPERTS experts (checked before the spec is validated, which would cost per expert)."""
+    raw = await request.body()  # whole (bounded by BodySizeLimit), so a refusal leaves the connection usable
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip()
+    if not _JSON_MEDIA_TYPE.fullmatch(media_type):
+        raise ApiError(415, "unsupported_media_type", f"Content-Type must be application/json, "
+                       f"got {media_type or 'none'}", field="Content-Type")
     try:
         data = json.loads(raw or b"null")
+    except RecursionError:  # json's parser recurses once per level (about 1000 levels)
+        raise _too_deep() from None
     except ValueError as e:
         raise ApiError(422, "invalid_json", f"request body is not valid JSON: {e}") from None
+    if json_depth_exceeds(data):
+        raise _too_deep()
     if not isinstance(data, dict):
         raise ApiError(422, "invalid_spec", "the request body must be a JSON object (a merge spec)")
+    experts, limit = data.get("experts"), request.app.state.settings.max_experts
+    if isinstance(experts, list) and len(experts) > limit:
+        msg = f"experts: {len(experts)} experts, more than the limit of {limit} (SUBMERGE_MAX_EXPERTS)"
+        raise ApiError(422, "invalid_spec", msg, field="experts", details=[{"field": "experts", "message": msg}])
     return data
 
 
@@ -87,14 +133,16 @@ async def submit(request: Request, response: Response, tenant: TenantDep, settin
     except IdempotencyConflict as e:
         raise ApiError(409, "idempotency_conflict", f"Idempotency-Key {idempotency_key!r} was used for job {e.job.id} "
                        "with a different request body", field="Idempotency-Key") from None
-    if created:
+    # A replay sends a job that is still queued and was never sent (its submit got a 503): the
+    # retry the 503 advises. Any other replay changes nothing (send's stamp makes it send once).
+    if created or (job.status == "queued" and job.dispatched_at is None):
         try:
-            await run_in_threadpool(dispatcher.submit, job.id)
+            await run_in_threadpool(send, store, dispatcher, job.id)
         except Exception as e:  # noqa: BLE001
             raise ApiError(503, "broker_unavailable", f"job {job.id} was stored but could not be queued "
-                           f"({type(e).__name__}: {e}); the reaper does not retry queued jobs, resubmit with the same "
-                           "Idempotency-Key after fixing the broker") from None
-    else:
+                           f"({type(e).__name__}: {e}); it stays queued and the reaper sends it once the broker is "
+                           "reachable, or resubmit with the same Idempotency-Key to retry now") from None
+    if not created:
         response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = f"/v1/merges/{job.id}"
     return job_out(job)
@@ -155,7 +203,8 @@ def _parse_cursor(cursor: str) -> int:
 
 @router.get("/merges", response_model=JobList, responses=ERRORS, summary="List jobs, newest first")
 def list_jobs(tenant: TenantDep, store: StoreDep,
-              status: Annotated[str | None, Query(description="|".join(STATUSES))] = None,
+              status: Annotated[str | None, Query(description="|".join(STATUSES),
+                                                  json_schema_extra={"enum": list(STATUSES)})] = None,
               limit: Annotated[int, Query(ge=1, le=200)] = 50,
               cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None) -> JobList:
     if status is not None and status not in STATUSES:
@@ -174,12 +223,12 @@ def _job(store, job_id: str, tenant: str):
     return job
 
 
-@router.get("/merges/{job_id}", response_model=JobOut, responses=ERRORS, summary="A job's status, progress and result")
+@router.get("/merges/{job_id:job_id}", response_model=JobOut, responses=ERRORS, summary="A job's status, progress and result")
 def get_job(job_id: str, tenant: TenantDep, store: StoreDep) -> JobOut:
     return job_out(_job(store, job_id, tenant))
 
 
-@router.post("/merges/{job_id}:cancel", status_code=202, response_model=JobOut,
+@router.post("/merges/{job_id:job_id}:cancel", status_code=202, response_model=JobOut,
              responses={**ERRORS, 409: {"model": ErrorBody, "description": "The job already finished"}}, summary="Cancel a job")
 def cancel(job_id: str, tenant: TenantDep, store: StoreDep) -> JobOut:
     job = _job(store, job_id, tenant)
@@ -189,7 +238,7 @@ def cancel(job_id: str, tenant: TenantDep, store: StoreDep) -> JobOut:
     return job_out(job)
 
 
-@router.get("/merges/{job_id}/events", response_model=EventList, responses=ERRORS, summary="A job's timeline")
+@router.get("/merges/{job_id:job_id}/events", response_model=EventList, responses=ERRORS, summary="A job's timeline")
 def events(job_id: str, tenant: TenantDep, store: StoreDep) -> EventList:
     _job(store, job_id, tenant)
     return EventList(items=[event_out(e) for e in store.events(job_id)])
@@ -202,7 +251,7 @@ def _succeeded(store, job_id: str, tenant: str):
     return job
 
 
-@router.get("/merges/{job_id}/report", responses={**ERRORS, 409: {"model": ErrorBody},
+@router.get("/merges/{job_id:job_id}/report", responses={**ERRORS, 409: {"model": ErrorBody},
             200: {"content": {"application/json": {}, "text/html": {}}}},
             summary="The job's report: report.json, or the self-contained report.html with ?format=html",
             response_class=JSONResponse)
@@ -221,13 +270,13 @@ def _artifact_list(job) -> list[ArtifactOut]:
     return [ArtifactOut(**a, url=f"/v1/merges/{job.id}/artifacts/{a['path']}") for a in job.result.get("artifacts", [])]
 
 
-@router.get("/merges/{job_id}/artifacts", response_model=ArtifactList, responses={**ERRORS, 409: {"model": ErrorBody}},
+@router.get("/merges/{job_id:job_id}/artifacts", response_model=ArtifactList, responses={**ERRORS, 409: {"model": ErrorBody}},
             summary="The merged model's files with sizes and sha256")
 def artifacts(job_id: str, tenant: TenantDep, store: StoreDep) -> ArtifactList:
     return ArtifactList(items=_artifact_list(_succeeded(store, job_id, tenant)))
 
 
-@router.get("/merges/{job_id}/artifacts/{path:path}", responses={**ERRORS, 409: {"model": ErrorBody},
+@router.get("/merges/{job_id:job_id}/artifacts/{path:path}", responses={**ERRORS, 409: {"model": ErrorBody},
             200: {"content": {"application/octet-stream": {}}, "description": "The file (Range requests: 206)"},
             307: {"description": "Redirect to a presigned URL (S3 storage)"}}, summary="Download one artifact")
 def download(job_id: str, path: str, tenant: TenantDep, store: StoreDep, storage: StorageDep):
