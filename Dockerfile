@@ -24,8 +24,9 @@ RUN pip install --index-url "$TORCH_INDEX" "torch>=2.3"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY merging ./merging
-COPY service ./service
+COPY evaluation ./evaluation
 COPY workers ./workers
+COPY service ./service
 # psycopg: PostgreSQL driver for SUBMERGE_DATABASE_URL=postgresql://...
 RUN pip install . "psycopg[binary]>=3.1"
 

@@ -22,7 +22,9 @@ run: install
 	@echo "         -d '{\"method\": \"tsv_m\", \"base\": {\"uri\": \"./base\"}, \"experts\": [{\"uri\": \"./a\"}, {\"uri\": \"./b\"}]}'"
 	$(VENV)/bin/submerge serve --host 127.0.0.1 --port 8000
 
+# The import contract first (pyproject.toml [tool.importlinter]: service -> workers -> evaluation -> merging), then every test.
 test: install
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q
 
 bench: install

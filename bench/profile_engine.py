@@ -43,7 +43,7 @@ def main() -> int:
     ap.add_argument("--engine-dir")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from merging.registry import get_method
+    from merging import get_method
     calib = get_method(args.method).needs_calibration
     data = make_synthetic.ensure(args.blocks, args.experts, calibration=calib, verbose=False)
     params = json.loads(args.params) if args.params else ({"alpha": 1.0} if args.method in ("tsv_m", "iso_c", "iso_cts") else {})

@@ -159,7 +159,7 @@ def measure(cmd: list[str], log_path: str, env: dict | None = None) -> dict:
 
 
 def our_jobs(selected: list[str] | None) -> list[dict]:
-    from merging.registry import get_method, method_names
+    from merging import get_method, method_names
     jobs = []
     for m in method_names():
         params = {"alpha": 1.0} if m in FB_METHODS else {}

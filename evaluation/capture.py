@@ -15,8 +15,10 @@ import tempfile
 from typing import Sequence
 
 import torch
+from safetensors.torch import save_file
 
 from evaluation.errors import EvaluationError
+from merging.io.sources import IOConfig, Location, copy_local_to, split_scheme
 
 CALIBRATION_FORMAT = "submerge-calibration-gram-v1"
 
@@ -92,10 +94,6 @@ def calibration_summary(stats: dict[str, torch.Tensor]) -> tuple[int, int]:
 def save_calibration(stats: dict[str, torch.Tensor], path: str) -> None:
     """Write ``stats`` as safetensors, atomically (a temporary file in the same directory, then
     ``os.replace``). ``s3://`` destinations are written locally first, then uploaded."""
-    from safetensors.torch import save_file
-
-    from merging.io.sources import IOConfig, Location, copy_local_to, split_scheme
-
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in stats.items()}
     metadata = {"format": "pt", "submerge": CALIBRATION_FORMAT}
     scheme, rest = split_scheme(path)

@@ -153,7 +153,7 @@ def _csv(f, uri: str, limit: int | None) -> list[Row]:
 
 
 def _parquet(path: str, uri: str, limit: int | None) -> list[Row]:
-    try:
+    try:  # lazy: pyarrow is heavy to import and only parquet task data needs it
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"{uri}: reading parquet needs pyarrow, which is not installed") from None

@@ -4,6 +4,10 @@
 one prompt per class name, computed ONCE with the base model and kept frozen while the merged
 weights change; logits are ``scale · cos(embedding(text), head row)``.
 ``sequence_classification`` takes the argmax of the model's own classification head.
+
+The evaluator names are the spec's (``merging.spec.EVALUATORS``, what ``evaluation.evaluator``
+accepts); ``REGISTRY`` maps each to its ``Evaluator`` here, and ``get_evaluator(name)`` is how
+the rest of the code reaches one. Importing this module fails if the two ever differ.
 """
 from __future__ import annotations
 
@@ -12,8 +16,7 @@ from typing import Sequence
 import torch
 
 from evaluation.errors import DataError, EvaluationError
-
-EVALUATORS = ("text_zero_shot", "sequence_classification")
+from merging.spec import EVALUATORS, TaskSpec
 
 
 def zero_shot_head(model, labels: Sequence[str], prompt: str = "{label}", *, batch_size: int = 32,
@@ -70,4 +73,55 @@ def accuracy_classification(model, texts: Sequence[str], labels: Sequence[int], 
     return _accuracy(logits.argmax(dim=1), labels, logits.shape[1], "classification accuracy")
 
 
-__all__ = ["EVALUATORS", "zero_shot_head", "zero_shot_logits", "accuracy_zero_shot", "accuracy_classification"]
+class Evaluator:
+    """How one kind of task is scored.
+
+    ``on_base``: True when the base architecture runs every task of this kind, against a class
+    head the untouched base model computes once (``head``); False when each task runs on its own
+    expert, whose classification head (the tensors ``evaluation.heads`` names) stays the expert's
+    while the backbone's weights change."""
+
+    name: str
+    on_base: bool
+
+    def head(self, base_model, task: TaskSpec, *, batch_size: int, max_length: int) -> torch.Tensor | None:
+        """The frozen class head of ``task``, computed with the base model (None: the model has its own)."""
+        return None
+
+    def accuracy(self, model, head: torch.Tensor | None, texts: Sequence[str], labels: Sequence[int], *,
+                 batch_size: int, max_length: int) -> float:
+        raise NotImplementedError
+
+
+class TextZeroShot(Evaluator):
+    name, on_base = "text_zero_shot", True
+
+    def head(self, base_model, task: TaskSpec, *, batch_size: int, max_length: int) -> torch.Tensor:
+        return zero_shot_head(base_model, task.labels, task.prompt, batch_size=batch_size, max_length=max_length)
+
+    def accuracy(self, model, head, texts, labels, *, batch_size: int, max_length: int) -> float:
+        return accuracy_zero_shot(model, head, texts, labels, batch_size=batch_size, max_length=max_length)
+
+
+class SequenceClassification(Evaluator):
+    name, on_base = "sequence_classification", False
+
+    def accuracy(self, model, head, texts, labels, *, batch_size: int, max_length: int) -> float:
+        return accuracy_classification(model, texts, labels, batch_size=batch_size, max_length=max_length)
+
+
+REGISTRY: dict[str, Evaluator] = {e.name: e for e in (TextZeroShot(), SequenceClassification())}
+if tuple(REGISTRY) != EVALUATORS:
+    raise ImportError(f"evaluation.evaluators.REGISTRY {tuple(REGISTRY)} does not implement exactly the spec's "
+                      f"evaluators (merging.spec.EVALUATORS {EVALUATORS})")
+
+
+def get_evaluator(name: str) -> Evaluator:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise EvaluationError(f"unknown evaluator {name!r} (known: {', '.join(REGISTRY)})") from None
+
+
+__all__ = ["EVALUATORS", "REGISTRY", "Evaluator", "get_evaluator", "zero_shot_head", "zero_shot_logits", "accuracy_zero_shot",
+           "accuracy_classification"]

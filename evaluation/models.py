@@ -28,6 +28,7 @@ import torch
 
 from evaluation.errors import EvaluationError, ModelLoadError
 from merging.errors import MergeError
+from merging.io.checkpoint import MODEL_WEIGHT_FILES, open_checkpoint
 from merging.io.sources import IOConfig, split_scheme
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
@@ -48,8 +49,6 @@ def local_model_dir(uri: str, io: IOConfig | None = None, revision: str | None =
     downloaded into the merging cache once and symlinked into ``<cache>/models/<digest>/``
     (the digest covers the URI, the revision and each file's cached version).
     """
-    from merging.io.checkpoint import MODEL_WEIGHT_FILES, open_checkpoint
-
     scheme, rest = split_scheme(uri)
     if scheme in ("", "file"):
         if revision:
@@ -147,6 +146,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
 def _linear_types() -> tuple[type, ...]:
     types: list[type] = [torch.nn.Linear]
     with contextlib.suppress(ImportError, AttributeError):
+        # lazy, as every transformers import here: transformers takes half a second to import and only
+        # running a model needs it (``import evaluation.models`` stays light for the CLI and the API)
         from transformers.pytorch_utils import Conv1D  # GPT-2 style (in, out) linears
         types.append(Conv1D)
     return tuple(types)
@@ -196,8 +197,7 @@ class TextModel:
         absent or unknown). ``dtype``: ``auto`` = float32 on CPU and the checkpoint's floating
         dtype on CUDA, or one of float32/float16/bfloat16/float64.
         """
-        import transformers
-        from merging.io.checkpoint import open_checkpoint
+        import transformers  # lazy: see _linear_types
 
         if not os.path.isdir(model_dir):
             raise ModelLoadError(f"{model_dir}: not a model directory")
@@ -428,7 +428,7 @@ def _match_keys(model: torch.nn.Module, ckpt_keys: list[str], where: str) -> dic
 
 
 def _load_tokenizer(tokenizer_dir: str):
-    import transformers
+    import transformers  # lazy: see _linear_types
 
     if not os.path.isdir(tokenizer_dir) or not any(os.path.isfile(os.path.join(tokenizer_dir, n)) for n in TOKENIZER_FILES):
         raise ModelLoadError(f"{tokenizer_dir}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "

@@ -16,12 +16,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 import traceback
 from collections import Counter
 from typing import Any, Callable, TextIO
+
+from tqdm import tqdm
+
+from merging import __version__, engine
+from merging.errors import MergeError, SpecError
+from merging.io.writer import Publisher
+from merging.methods import describe_methods
+from merging.plan import preflight
+from merging.progress import ProgressEvent
+from merging.spec import load_spec, load_spec_file
 
 PROG = "submerge"
 
@@ -62,8 +71,6 @@ def debug_enabled() -> bool:
 
 def run_guarded(fn: Callable[[], int | None]) -> int:
     """Run a command; map every failure to one stderr line and an exit status."""
-    from merging.errors import MergeError, SpecError
-
     try:
         return fn() or EXIT_OK
     except KeyboardInterrupt:
@@ -120,12 +127,47 @@ def format_duration(seconds: float | None) -> str:
 # progress
 
 
+class _TerminalBar(tqdm):
+    """One progress line redrawn in place, drawn by tqdm: phase, bar, done/total, percent, time
+    since the merge started, ETA of the phase (tqdm's, from the phase's mean rate), and the
+    current tensor key or message. The reporter sets the counts and decides when to redraw, on
+    its own clock; tqdm neither times nor redraws anything by itself."""
+
+    monitor_interval = 0  # no monitor thread redrawing from elsewhere
+    BAR_FORMAT = "{desc} {bar:20} {n_fmt}/{total_fmt} {percentage:3.0f}% elapsed {run_elapsed} eta {remaining}{detail}"
+
+    def __init__(self, stream: TextIO, width: int | None, clock: Callable[[], float], run_start: float):
+        self.clock, self.run_start, self.detail = clock, run_start, ""
+        # ``width``: at most width - 1 columns, so the terminal never wraps the line; else its width.
+        # delay: nothing drawn on creation (the first ``show`` draws), and none afterwards, so that
+        # close() ends or erases the line.
+        super().__init__(file=stream, total=0, bar_format=self.BAR_FORMAT, position=0, leave=True, delay=1,
+                         ncols=max(width - 1, 10) if width else None, dynamic_ncols=not width)
+        self.delay = 0
+        self._time = clock  # tqdm's elapsed time (the phase's, see ``show``) on the reporter's clock
+        self.start_t = self.last_print_t = clock()
+
+    @property
+    def format_dict(self) -> dict[str, Any]:
+        return {**super().format_dict, "run_elapsed": self.format_interval(self.clock() - self.run_start),
+                "detail": self.detail}
+
+    def show(self, event: Any, now: float, new_phase: bool) -> None:
+        total = max(int(event.total), 0)
+        self.desc, self.total = event.phase, total
+        self.n = min(max(int(event.done), 0), total) if total else 0
+        self.detail = f" {event.key}" if event.key else (f" {event.message}" if event.message else "")
+        if new_phase:
+            self.start_t = now
+        self.last_print_t = now
+        self.refresh()
+
+
 class ProgressReporter:
     """Progress callback for ``merging.merge`` that draws on ``stream`` (stderr).
 
-    TTY: one line redrawn in place with ``\\r`` (phase, done/total, percent, bar, elapsed,
-    ETA of the phase, current tensor key), at most every ``min_interval`` seconds.
-    Not a TTY (logs, CI): one line when a phase starts and one per 10 % of the phase.
+    TTY: one line redrawn in place by tqdm (``_TerminalBar``), at most every ``min_interval``
+    seconds. Not a TTY (logs, CI): one line when a phase starts and one per 10 % of the phase.
     The ``inspect`` phase is reported when it finishes, so that a bad input fails with the
     error line alone.
     """
@@ -147,11 +189,11 @@ class ProgressReporter:
         self.phase_start = self.start
         self.last_decile = -1
         self.last_draw = float("-inf")
-        self.drawn = False  # a TTY line is on screen
+        self.bar: _TerminalBar | None = None  # a TTY line is on screen
         self.finished = False
 
     # the merge callback
-    def __call__(self, event: Any) -> None:
+    def __call__(self, event: ProgressEvent) -> None:
         now = self.clock()
         new_phase = event.phase != self.phase
         if new_phase:
@@ -160,11 +202,14 @@ class ProgressReporter:
             self.finished = True
         if self.tty:
             if new_phase or event.phase == "done" or now - self.last_draw >= self.min_interval:
-                self._draw(event, now)
+                if self.bar is None:
+                    self.bar = _TerminalBar(self.stream, self.width, self.clock, self.start)
+                self.bar.show(event, now, new_phase)
+                self.last_draw = now
         else:
             self._log(event, now, new_phase)
 
-    def _fields(self, event: Any, now: float) -> tuple[str, str]:
+    def _fields(self, event: ProgressEvent, now: float) -> tuple[str, str]:
         total = max(int(event.total), 0)
         done = min(max(int(event.done), 0), total) if total else 0
         frac = done / total if total else 1.0
@@ -176,24 +221,7 @@ class ProgressReporter:
         times = f"elapsed {format_duration(now - self.start)} eta {format_duration(eta)}"
         return counts, times
 
-    def _draw(self, event: Any, now: float) -> None:
-        counts, times = self._fields(event, now)
-        frac = event.fraction if event.total else 1.0
-        filled = int(20 * min(max(frac, 0.0), 1.0))
-        bar = "[" + "#" * filled + "." * (20 - filled) + "]"
-        line = f"{event.phase} {bar} {counts} {times}"
-        if event.key:
-            line += f" {event.key}"
-        elif event.message:
-            line += f" {event.message}"
-        width = self.width or shutil.get_terminal_size((100, 24)).columns
-        line = line[: max(width - 1, 10)]
-        self.stream.write("\r" + line + "\x1b[K")
-        self.stream.flush()
-        self.last_draw = now
-        self.drawn = True
-
-    def _log(self, event: Any, now: float, new_phase: bool) -> None:
+    def _log(self, event: ProgressEvent, now: float, new_phase: bool) -> None:
         total = int(event.total)
         decile = int(10 * event.done / total) if total else 10
         if new_phase:
@@ -216,10 +244,10 @@ class ProgressReporter:
 
     def close(self) -> None:
         """End the TTY line: keep it after a finished merge, erase it after a failure."""
-        if self.tty and self.drawn:
-            self.stream.write("\n" if self.finished else "\r\x1b[K")
-            self.stream.flush()
-            self.drawn = False
+        if self.bar is not None:
+            self.bar.leave = self.finished
+            self.bar.close()
+            self.bar = None
 
 
 # ----------------------------------------------------------------------------------------
@@ -229,8 +257,6 @@ class ProgressReporter:
 def apply_overrides(spec, *, output: str | None = None, overwrite: bool = False, device: str | None = None,
                     workers: int | None = None):
     """The spec with command-line overrides applied (re-validated as a whole)."""
-    from merging.spec import load_spec
-
     if output is None and not overwrite and device is None and workers is None:
         return spec
     data = spec.model_dump(mode="json", by_alias=True)
@@ -247,8 +273,6 @@ def apply_overrides(spec, *, output: str | None = None, overwrite: bool = False,
 
 def merge_summary(result, wall_s: float) -> dict[str, Any]:
     """What a caller wants to know about a finished merge, derived from its manifest."""
-    from merging.io.writer import Publisher
-
     m = result.manifest
     return {
         "output_uri": result.output_uri,
@@ -299,15 +323,12 @@ def format_merge_summary(s: dict[str, Any]) -> str:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from merging.engine import merge
-    from merging.spec import load_spec_file
-
     spec = apply_overrides(load_spec_file(args.spec), output=args.output, overwrite=args.overwrite, device=args.device,
                            workers=args.workers)
     reporter = None if args.quiet else ProgressReporter(sys.stderr)
     # The `submerge` entry point runs the whole job pipeline (calibration capture, α search,
     # evaluation) through `runner`; the bare library CLI can only merge.
-    runner = getattr(args, "runner", None) or merge
+    runner = getattr(args, "runner", None) or engine.merge  # looked up when run: tests replace it
     t0 = time.perf_counter()
     try:
         out = runner(spec, progress=reporter)
@@ -382,9 +403,6 @@ def format_plan_summary(s: dict[str, Any]) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from merging.engine import preflight
-    from merging.spec import load_spec_file
-
     spec = apply_overrides(load_spec_file(args.spec), output=args.output, overwrite=args.overwrite)
     pf = preflight(spec)  # the same checks merge() makes before reading a tensor
     summary = plan_summary(pf.spec, pf.plan, pf.base, pf.experts)
@@ -416,8 +434,6 @@ def _schema_type(prop: dict[str, Any]) -> str:
 
 def method_infos() -> list[dict[str, Any]]:
     """``describe_methods()`` with a flat parameter list, keyed by the names a spec uses."""
-    from merging.registry import describe_methods
-
     out = []
     for m in describe_methods():
         schema = m.get("params_schema", {})
@@ -493,8 +509,6 @@ def add_subcommands(subparsers) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from merging import __version__
-
     parser = OneLineParser(prog=PROG, description="submerge: merge fine-tuned checkpoints of one base model.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

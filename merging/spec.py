@@ -1,11 +1,15 @@
 """The job spec: one pydantic model for the Python API, the CLI spec file, the REST body and the worker."""
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from merging.errors import SpecError
+from merging.methods import get_method
 from merging.roles import Role, RoleOverride
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
@@ -103,8 +107,9 @@ class RunOptions(_Strict):
         "own threads. Ignored on CUDA."))
 
 
+# The one list of evaluator names: evaluation.evaluators.REGISTRY implements exactly these.
 EVALUATORS = ("text_zero_shot", "sequence_classification")
-Evaluator = Literal["text_zero_shot", "sequence_classification"]
+Evaluator = Literal[EVALUATORS]  # a Literal of the tuple's strings
 
 
 class TaskSpec(_Strict):
@@ -175,7 +180,6 @@ class MergeSpec(_Strict):
     @field_validator("method")
     @classmethod
     def _known_method(cls, v: str) -> str:
-        from merging.registry import get_method
         try:
             get_method(v)
         except KeyError as e:
@@ -196,7 +200,6 @@ class MergeSpec(_Strict):
         if dup:
             raise ValueError(f"experts: duplicate expert name(s) {dup}")
         params = self.method_params()  # raises a ValueError that names params.<field>
-        from merging.registry import get_method
         method = get_method(self.method)
         problem = method.check_experts(params, len(self.experts))
         if problem:
@@ -237,7 +240,6 @@ class MergeSpec(_Strict):
     def searched_params(self) -> list[str]:
         """Parameters other than α set to "auto" (``MergeMethod.validation_searched``): the
         evaluation pipeline chooses them on validation data before the merge."""
-        from merging.registry import get_method
         return [n for n in get_method(self.method).validation_searched if self.params.get(n) == "auto"]
 
     def effective_passthrough(self) -> list[str]:
@@ -250,7 +252,6 @@ class MergeSpec(_Strict):
 
     def method_params(self):
         """The typed parameter model of the chosen method (validated)."""
-        from merging.registry import get_method
         cls = get_method(self.method)
         # With alpha "auto" the parameter model sees its default; the search replaces it later.
         params = {k: v for k, v in self.params.items() if not (k == "alpha" and v == "auto")}
@@ -278,7 +279,6 @@ def format_validation_error(e: ValidationError, prefix: str = "", method: str | 
 
 def load_spec(data: dict | MergeSpec) -> MergeSpec:
     """Validate a spec dict; raise ``SpecError`` with every problem named by field."""
-    from merging.errors import SpecError
     if isinstance(data, MergeSpec):
         return data
     try:
@@ -289,11 +289,6 @@ def load_spec(data: dict | MergeSpec) -> MergeSpec:
 
 def load_spec_file(path: str) -> MergeSpec:
     """Read a JSON or YAML spec file."""
-    import json
-
-    import yaml
-
-    from merging.errors import SpecError
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()

@@ -17,9 +17,9 @@ import os
 def main(argv: list[str] | None = None) -> int:
     from evaluation.evaluators import zero_shot_head
     from evaluation.models import load_model
-    from evaluation.pipeline import run_pipeline
+    from workers.pipeline import run_pipeline
     from tests.tiny_bert import finetune_zero_shot, make_task_rows, make_tiny_bert, perturb_checkpoint, write_jsonl
-    from workers.report_html import render_report_html
+    from workers.report.report_html import render_report_html
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--method", default="iso_c")

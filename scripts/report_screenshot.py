@@ -1,4 +1,4 @@
-"""Screenshot a merge report (``report.html`` from ``workers.report_html``) with headless Chromium.
+"""Screenshot a merge report (``report.html`` from ``workers.report.report_html``) with headless Chromium.
 
     python -m scripts.report_screenshot report.html -o report.png [--size 1280x3000 | --width 1280 --height auto]
 

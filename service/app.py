@@ -12,19 +12,22 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
+from fastapi.openapi.utils import get_openapi
 
 from merging import __version__
+from merging.spec import MergeSpec
 from service import errors
 from service.auth import parse_keys
-from service.config import Settings, get_settings
-from service.dispatch import make_dispatcher
 from service.limits import BodySizeLimit
 from service.logs import AccessLog
-from service.reaper import Reaper
-from service.redact import install_log_redaction, register_secret
 from service.routers import health, merges, methods
-from service.storage import Storage
-from service.store import JobStore
+from workers.config import Settings, get_settings
+from workers.dispatch import make_dispatcher
+from workers.jobs.db import upgrade
+from workers.jobs.store import JobStore
+from workers.reaper import Reaper
+from workers.redact import install_log_redaction, redact_uri, register_secret
+from workers.storage import Storage
 
 log = logging.getLogger("submerge.api")
 
@@ -38,7 +41,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         os.makedirs(settings.data_path, exist_ok=True)
-        from service.db import upgrade
         await run_in_threadpool(upgrade, settings.db_url)
         app.state.dispatcher = make_dispatcher(settings, app.state.store)
         app.state.dispatcher.start()
@@ -51,7 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         gc.collect()
         gc.freeze()
         log.info("submerge API ready (%s mode, store %s, storage %s)", "embedded" if settings.embedded else "celery",
-                 settings.db_url.split("@")[-1], settings.storage_root)
+                 redact_uri(settings.db_url), settings.storage_root)
         try:
             yield
         finally:
@@ -78,9 +80,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def _add_spec_schema(app: FastAPI) -> None:
     """The request body is read raw (so `output` may be omitted) and validated as MergeSpec: put
     MergeSpec's JSON schema into the OpenAPI components that the routes reference."""
-    from fastapi.openapi.utils import get_openapi
-
-    from merging.spec import MergeSpec
 
     def openapi():
         if app.openapi_schema:

@@ -6,8 +6,8 @@ import hashlib
 import hmac
 import ipaddress
 
-from service.config import Settings
 from service.errors import ApiError
+from workers.config import Settings
 
 ANONYMOUS = "default"
 

@@ -1,34 +1,44 @@
 """The ``submerge`` command (console script ``submerge = "service.cli:main"``).
 
-``merge``, ``validate`` and ``methods`` come from the library (``merging.cli``) and ``calibrate``
-from ``evaluation.cli``; this module adds the service commands, ``serve`` (the REST API under
-uvicorn) and ``worker`` (the job queue worker). All of them import their heavy modules only
-when run, so the library commands work without them. Dependencies point one way: service
-imports merging, never the reverse.
+``merge``, ``validate`` and ``methods`` come from the library (``merging.cli``); ``merge`` runs the
+whole job program (``workers.pipeline``: calibration capture, α search, evaluation). This module
+adds ``calibrate`` (ESM calibration statistics, captured by ``evaluation.capture``) and the service
+commands, ``serve`` (the REST API under uvicorn) and ``worker`` (the job queue worker); those two
+load the web and queue stacks only when run. Dependencies point one way: service → workers →
+evaluation → merging (the import contract in pyproject.toml).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import time
+import traceback
 
-from merging.cli import (EXIT_ERROR, EXIT_OK, OneLineParser, add_subcommands, debug_enabled, dispatch, report_error,
-                         run_guarded)
+import workers
+from evaluation.capture import calibration_summary, capture_gram, save_calibration
+from evaluation.data import load_rows, read_texts
+from evaluation.models import load_model, local_model_dir
+from merging import __version__
+from merging.cli import (EXIT_ERROR, EXIT_OK, OneLineParser, UsageError, add_subcommands, debug_enabled, dispatch,
+                         report_error, run_guarded)
+from service.logs import logging_config
+from workers.pipeline import run_pipeline
 
 
 def _import_failed(what: str, exc: BaseException) -> int:
     if debug_enabled():
-        import traceback
         traceback.print_exception(exc, file=sys.stderr)
     return report_error("unavailable", f"{what} is not available: {type(exc).__name__}: {exc}", EXIT_ERROR)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
+        # lazy: uvicorn and the app (FastAPI, SQLAlchemy, Celery, the routes) load only for `serve`, so the
+        # library commands neither pay for nor depend on the web stack
         import uvicorn
 
         from service.app import create_app
-        from service.logs import logging_config
     except Exception as e:  # noqa: BLE001 - ImportError, or an error raised while importing the app
         return _import_failed("the REST API (service.app:create_app)", e)
     # One log format for uvicorn's and our loggers on stderr; uvicorn's own access log is off because
@@ -39,29 +49,73 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    try:
-        import workers
-    except Exception as e:  # noqa: BLE001
-        return _import_failed("the worker (workers)", e)
-    extra = list(args.worker_args)
-    main = getattr(workers, "main", None)
-    if callable(main):
-        return int(main(extra) or EXIT_OK)
-    app = getattr(workers, "celery_app", None) or getattr(workers, "app", None)
-    if app is not None and hasattr(app, "worker_main"):
-        app.worker_main(["worker", *extra])
-        return EXIT_OK
-    return report_error("unavailable", "the worker (workers) provides neither main(argv) nor a Celery app", EXIT_ERROR)
+    return int(workers.main(list(args.worker_args)) or EXIT_OK)
 
 
 def _run_pipeline(spec, progress=None):
-    from evaluation.pipeline import run_pipeline
     return run_pipeline(spec, progress=progress)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from merging import __version__
+def _positive(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {value}")
+        return value
+    return parse
 
+
+def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
+    """``submerge calibrate --model URI --data URI --samples 32 -o stats.safetensors``: run the model
+    on the first ``--samples`` texts of the data file and write the Gram matrix of every linear
+    layer's inputs (``<key>:gram``, ``<key>:count``), the file that a merge spec's
+    ``experts[i].calibration.uri`` points to. Same contract as the other subcommands
+    (``merging.cli``): one summary line on stdout; any failure is one ``submerge: error: <code>:
+    <message>`` line on stderr with exit status 2 (usage) or 1."""
+    p = subparsers.add_parser(
+        "calibrate", help="capture ESM calibration statistics (layer-input Gram matrices) of a model",
+        description="Run a model on the first --samples texts of a data file and write the Gram matrix XᵀX of "
+                    "every linear layer's inputs (padding excluded) with the token count, as safetensors: "
+                    "the file experts[i].calibration.uri of an ESM merge points to.")
+    p.add_argument("--model", required=True, metavar="URI",
+                   help="model directory or checkpoint URI (path, file://, s3://, http(s)://, hf://) with config.json")
+    p.add_argument("--data", required=True, metavar="URI", help="task data: .jsonl, .json, .csv or .parquet (.gz allowed)")
+    p.add_argument("--samples", type=_positive("--samples"), default=32, metavar="N",
+                   help="number of texts: the first N rows (default: %(default)s)")
+    p.add_argument("--text-field", default="text", metavar="NAME", help="field holding the text (default: %(default)s)")
+    p.add_argument("--max-length", type=_positive("--max-length"), default=128, metavar="N",
+                   help="tokens per text, truncated beyond (default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive("--batch-size"), default=8, metavar="N", help="texts per forward pass (default: %(default)s)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: %(default)s")
+    p.add_argument("--tokenizer", metavar="URI", help="tokenizer directory or URI, when the model has none (e.g. the base model's)")
+    p.add_argument("--adapter", default="hf_transformers", metavar="NAME",
+                   help="model adapter: hf_transformers (default) or python:package.module:function")
+    p.add_argument("-o", "--output", required=True, metavar="PATH", help="output .safetensors file (path, file:// or s3://)")
+    p.set_defaults(func=cmd_calibrate)
+    return p
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    if args.max_length < 2:
+        raise UsageError("--max-length must be at least 2")
+    t0 = time.perf_counter()
+    rows = load_rows(args.data, limit=args.samples)
+    texts = read_texts(rows, args.text_field, uri=args.data)
+    model_dir = local_model_dir(args.model)
+    tokenizer_dir = local_model_dir(args.tokenizer) if args.tokenizer else None
+    model = load_model(model_dir, adapter=args.adapter, device=args.device, tokenizer_dir=tokenizer_dir)
+    stats = capture_gram(model, texts, batch_size=args.batch_size, max_length=args.max_length)
+    save_calibration(stats, args.output)
+    layers, tokens = calibration_summary(stats)
+    print(f"calibrated {layers} layers on {tokens} tokens from {len(texts)} texts -> {args.output} "
+          f"({time.perf_counter() - t0:.1f}s)")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="submerge", description="submerge: merge fine-tuned checkpoints of one base model, "
                                                         "from the command line or as a service.")
     parser.add_argument("--version", action="version", version=f"submerge {__version__}")
@@ -83,9 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run a job-queue worker; arguments after 'worker' are passed on to it.")
     p.set_defaults(func=cmd_worker, worker_args=[])
 
-    # ESM calibration statistics; evaluation.cli imports torch/transformers only when it runs.
-    from evaluation.cli import add_calibrate_parser
-    add_calibrate_parser(sub)
+    add_calibrate_parser(sub)  # ESM calibration statistics
     return parser
 
 

@@ -10,10 +10,10 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 
 from service.auth import authenticate
-from service.config import Settings
-from service.dispatch import Dispatcher
-from service.storage import Storage
-from service.store import JobStore
+from workers.config import Settings
+from workers.dispatch import Dispatcher
+from workers.jobs.store import JobStore
+from workers.storage import Storage
 
 
 async def get_settings(request: Request) -> Settings:

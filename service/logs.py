@@ -9,7 +9,7 @@ as they came, and its formatter needs the record's arguments. The access lines c
 
     2026-12-02 10:00:00,123 INFO submerge.access: 127.0.0.1:50312 - "GET /v1/merges?token=[redacted] HTTP/1.1" 200 1.4 ms
 
-Every record also passes the redacting record factory (``service.redact.install_log_redaction``).
+Every record also passes the redacting record factory (``workers.redact.install_log_redaction``).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import logging
 import time
 from urllib.parse import quote
 
-from service.redact import redact_query
+from workers.redact import redact_query
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 

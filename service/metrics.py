@@ -7,7 +7,7 @@ from prometheus_client import generate_latest
 from prometheus_client.core import CollectorRegistry, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
-from service.models import STATUSES
+from workers.jobs.models import STATUSES
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 

@@ -9,13 +9,13 @@ import json
 import os
 import sys
 
+from service.app import create_app
+from workers.config import Settings
+
 DEFAULT_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "openapi", "openapi.json")
 
 
 def generate() -> str:
-    from service.app import create_app
-    from service.config import Settings
-
     app = create_app(Settings(_env_file=None, data_dir="/nonexistent", auth="off", redis_url=None, database_url=None,
                               storage_uri=None, api_keys=[]))
     return json.dumps(app.openapi(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"

@@ -23,7 +23,7 @@ import httpx
 import pytest
 import torch
 
-from service.config import Settings
+from workers.config import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 LOOPBACK = "127.0.0.1"
@@ -233,7 +233,7 @@ def pg_database_url():
     try:
         yield url
     finally:
-        from service.db import dispose_all
+        from workers.jobs.db import dispose_all
         dispose_all()
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 import merging
 from merging.alpha import ESM_GOLDEN, ISO_GRID, SUM_GRID, SVD_GRID, AlphaScore, search_alpha
 from merging.errors import SpecError
-from merging.registry import get_method
+from merging.methods import get_method
 from merging.spec import load_spec
 
 

@@ -1,4 +1,4 @@
-"""Merge diagnostics (merging/diagnostics, workers/report_html.py) on small hand-made cases whose
+"""Merge diagnostics (merging/diagnostics, workers/report/report_html.py) on small hand-made cases whose
 answers are known in closed form."""
 from __future__ import annotations
 
@@ -462,7 +462,7 @@ def _section(html: str, sid: str) -> str:
 
 def test_render_report_html_with_and_without_evaluation():
     pytest.importorskip("matplotlib")
-    from workers.report_html import render_report_html
+    from workers.report.report_html import render_report_html
 
     rep = run_collector(make_jobs(), hogsvd_layers=1)
     page = render_report_html(rep)

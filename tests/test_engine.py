@@ -126,7 +126,7 @@ def test_esm_spill_is_cleaned_up(tmp_path, monkeypatch):
 
     from merging.methods.esm import Esm
     from merging import heap
-    from merging.engine import default_workers
+    from merging.stream import default_workers
     threads, unmapping = set(), set()
     original = Esm._esd_merge
 
@@ -343,14 +343,14 @@ def test_esm_never_runs_two_of_its_widest_polar_factors_at_once(tmp_path, monkey
 
 
 def test_default_workers_shrink_when_the_jobs_would_not_fit_in_memory(monkeypatch):
-    from merging import engine
-    monkeypatch.setattr(engine, "default_workers", lambda: 8)
-    monkeypatch.setattr(engine, "memory_bytes", lambda: 64 << 30)
-    assert engine.default_worker_count(85 << 20) == 8  # ViT-B/16 fc job: many fit
-    assert engine.default_worker_count(int(4.7 * (1 << 30))) == 1  # a 7B model's embedding × 9
-    assert engine.default_worker_count(1 << 30) == 5  # 16 GB / 3 GB
-    monkeypatch.setattr(engine, "memory_bytes", lambda: None)
-    assert engine.default_worker_count(1 << 40) == 8  # unknown memory: cores only
+    from merging import stream
+    monkeypatch.setattr(stream, "default_workers", lambda: 8)
+    monkeypatch.setattr(stream, "memory_bytes", lambda: 64 << 30)
+    assert stream.default_worker_count(85 << 20) == 8  # ViT-B/16 fc job: many fit
+    assert stream.default_worker_count(int(4.7 * (1 << 30))) == 1  # a 7B model's embedding × 9
+    assert stream.default_worker_count(1 << 30) == 5  # 16 GB / 3 GB
+    monkeypatch.setattr(stream, "memory_bytes", lambda: None)
+    assert stream.default_worker_count(1 << 40) == 8  # unknown memory: cores only
 
 
 @pytest.mark.parametrize("method", ["tsv_m", "ties"])  # ties: its prepasses load every tensor too
@@ -358,24 +358,24 @@ def test_recycled_task_buffers_do_not_change_the_result(tmp_path, monkeypatch, m
     """Large jobs' task-vector buffers are reused once their result is stored. With the threshold
     lowered so that every matrix here is recycled, any buffer handed out while a worker still
     read it would change the output; and the buffers must be few and actually reused."""
-    from merging import engine
+    from merging import stream
     shapes = {f"l{i}.weight": ((40, 24) if i % 2 else (24, 40)) for i in range(6)} | {f"l{i}.bias": (40,) for i in range(6)}
     spec = _matrix_ckpts(tmp_path, shapes, 3)
     fresh = tmp_path / "fresh"
-    monkeypatch.setattr(engine._Loader, "RECYCLE_BYTES", 1 << 62)
+    monkeypatch.setattr(stream.TaskVectorLoader, "RECYCLE_BYTES", 1 << 62)
     merging.merge({**spec, "method": method, "output": {"uri": str(fresh)}, "options": {"diagnostics": "off", "workers": 3, "device": "cpu"}})
     want = load_file(str(fresh / "model.safetensors"))
 
-    monkeypatch.setattr(engine._Loader, "RECYCLE_BYTES", 1000)  # 3 × 40 × 24 × 4 B recycled, biases not
+    monkeypatch.setattr(stream.TaskVectorLoader, "RECYCLE_BYTES", 1000)  # 3 × 40 × 24 × 4 B recycled, biases not
     handed_out = []
-    original = engine._Loader._task_buffer
+    original = stream.TaskVectorLoader._task_buffer
 
     def spy(self, shape):
         taus, raw = original(self, shape)
         if raw is not None:
             handed_out.append(raw.data_ptr())
         return taus, raw
-    monkeypatch.setattr(engine._Loader, "_task_buffer", spy)
+    monkeypatch.setattr(stream.TaskVectorLoader, "_task_buffer", spy)
     for workers in (1, 3):
         handed_out.clear()
         out = tmp_path / f"recycled{workers}"
@@ -388,10 +388,10 @@ def test_recycled_task_buffers_do_not_change_the_result(tmp_path, monkeypatch, m
 
 def test_only_jobs_of_at_least_half_the_largest_size_take_recycled_buffers():
     """A window full of small jobs must not hold one largest-size buffer each (peak memory)."""
-    from merging import engine
-    loader = engine._Loader(None, [None, None], torch.device("cpu"), torch.float32, False, largest_job=8 << 20)
+    from merging import stream
+    loader = stream.TaskVectorLoader(None, [None, None], torch.device("cpu"), torch.float32, False, largest_job=8 << 20)
     shapes = {(2, 1024, 1024): True, (2, 512, 1024): True, (2, 500, 1024): False, (2, 4, 4): False}
     for shape, recycled in shapes.items():
         taus, raw = loader._task_buffer(shape)
         assert (raw is not None) == recycled and tuple(taus.shape) == shape
-    assert engine._Loader(None, [None], torch.device("cpu"), torch.float32, False, 1 << 20)._buffer_bytes == 0  # small model
+    assert stream.TaskVectorLoader(None, [None], torch.device("cpu"), torch.float32, False, 1 << 20)._buffer_bytes == 0  # small model

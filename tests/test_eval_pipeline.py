@@ -85,7 +85,7 @@ def _spec(fam, out, **over):
 
 
 def test_alpha_auto_picks_the_best_grid_point_and_accuracies_are_direct(family, tmp_path):
-    from evaluation.pipeline import run_pipeline
+    from workers.pipeline import run_pipeline
     fam = family
     events = []
     run = run_pipeline(_spec(fam, "auto", params={"alpha": "auto"}), progress=events.append, cache_dir=str(tmp_path))
@@ -145,7 +145,7 @@ def test_consensus_lambda_auto_is_the_official_tall_mask_step(family, tmp_path):
     """Each expert's λ is the first best of {0.2 … 0.6} for θ0 + m_t(λ) ⊙ Σ τ on its task's
     validation split (scores recomputed directly), and the merge runs with those λs."""
     import merging
-    from evaluation.pipeline import run_pipeline
+    from workers.pipeline import run_pipeline
     fam = family
     events = []
     run = run_pipeline(_spec(fam, "tall", method="consensus", params={"lambda": "auto", "alpha": 0.7, "k": 1}),
@@ -204,7 +204,7 @@ def test_consensus_lambda_auto_needs_validation_data_for_every_expert(family):
 
 
 def test_baselines_are_cached_and_bad_task_data_fails_before_merging(family, tmp_path):
-    from evaluation.pipeline import run_pipeline
+    from workers.pipeline import run_pipeline
     from merging.errors import MergeError
     fam = family
     run_pipeline(_spec(fam, "c1"), cache_dir=str(tmp_path))
@@ -226,7 +226,7 @@ def test_baselines_are_cached_and_bad_task_data_fails_before_merging(family, tmp
 def test_esm_from_raw_samples_equals_esm_from_captured_statistics(family, tmp_path):
     from evaluation.capture import capture_gram, save_calibration
     from evaluation.models import load_model
-    from evaluation.pipeline import run_pipeline
+    from workers.pipeline import run_pipeline
     from merging import merge
     fam = family
     unlabeled = str(fam["root"] / "unlabeled.jsonl")
@@ -255,7 +255,7 @@ def test_esm_from_raw_samples_equals_esm_from_captured_statistics(family, tmp_pa
 
 
 def test_sequence_classification_scores_each_task_with_its_own_head(tmp_path):
-    from evaluation.pipeline import run_pipeline
+    from workers.pipeline import run_pipeline
     base = make_tiny_bert(tmp_path / "base", seed=3, num_labels=2)
     experts = {}
     for i, (n, labels) in enumerate((("A", 2), ("B", 3))):
@@ -353,7 +353,7 @@ def test_cli_merge_runs_the_pipeline(family, tmp_path, capsys, monkeypatch):
 
 def test_preflight_accepts_samples_to_capture_and_merge_alone_names_them(family, tmp_path):
     from merging import merge
-    from merging.engine import preflight
+    from merging import preflight
     from merging.errors import CalibrationError
     fam = family
     spec = _spec(fam, "pf", method="esm", params={}, evaluation=None)
@@ -369,8 +369,8 @@ def test_preflight_accepts_samples_to_capture_and_merge_alone_names_them(family,
 
 def test_report_html_with_evaluation_only(family, tmp_path):
     """diagnostics off, evaluation on: the worker still writes report.html, evaluation first."""
-    from evaluation.pipeline import run_pipeline
-    from workers.report_html import render_report_html
+    from workers.pipeline import run_pipeline
+    from workers.report.report_html import render_report_html
     run = run_pipeline(_spec(family, "html_only", params={"alpha": "auto"}), cache_dir=str(tmp_path))
     assert run.merge.diagnostics is None
     page = render_report_html({"method": "task_arithmetic", "experts": ["A", "B"], "params": run.merge.manifest["params"],
@@ -384,7 +384,7 @@ def test_alpha_search_copies_each_candidate_into_the_shared_zero_shot_model_once
     """Zero-shot tasks share one model: an α candidate's weights are copied in once, not once per task
     (at T = 8 that was 8 copies of the whole state per candidate)."""
     from evaluation.models import TextModel
-    from evaluation.pipeline import run_pipeline
+    from workers.pipeline import run_pipeline
     calls = []
     original = TextModel.set_state
 

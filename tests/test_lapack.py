@@ -1,4 +1,4 @@
-"""merging.lapack (OpenBLAS syrk / syevr through ctypes) and the torch-only path of merging.linalg
+"""merging.linalg.lapack (OpenBLAS syrk / syevr through ctypes) and the torch-only path of merging.linalg
 that runs when the library is missing."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from merging import lapack, linalg
+from merging.linalg import decompositions as linalg, lapack
 from merging.methods.iso_cts import iso_cts_matrix
 from merging.methods.tsv_m import tsv_merge_matrix
 
@@ -252,7 +252,7 @@ def test_polar_survives_an_eigensolver_failure(monkeypatch):
 def test_submerge_no_openblas_turns_the_library_off():
     import subprocess
     import sys
-    code = "import torch; from merging import lapack; print(lapack.available(torch.zeros(1, dtype=torch.float64)))"
+    code = "import torch; from merging.linalg import lapack; print(lapack.available(torch.zeros(1, dtype=torch.float64)))"
     env = {**__import__("os").environ, "SUBMERGE_NO_OPENBLAS": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

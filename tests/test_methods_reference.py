@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import merging
-from merging.linalg import _svd_via_eigh, polar, polar_times, polar_with_singular_values, svd, top_singular, top_singular_outside
+from merging.linalg.decompositions import _svd_via_eigh, polar, polar_times, polar_with_singular_values, svd, top_singular, top_singular_outside
 from merging.methods.iso_cts import iso_cts_matrix
 from tests import reference as ref
 from tests.golden import rel_err
@@ -235,7 +235,7 @@ def test_polar_with_a_few_tiny_singular_values_stays_exact_without_a_full_svd(sh
     eigenbases, which reach 3.6e7): their Gram eigenvalues are below the Gram's rounding, so
     x w / σ is off by 6e-2 here. The Gram route handles those directions apart
     (``_polar_split``) and must match the float64 SVD without falling back to it."""
-    from merging import linalg
+    from merging.linalg import decompositions as linalg
 
     def no_svd(*a):
         raise AssertionError("fell back to the full SVD")
@@ -261,7 +261,7 @@ def test_polar_times_a_thin_factor_applies_the_reflectors_without_forming_the_ei
     """polar(x) @ y with y narrower than half of x's small side (ESM's 3072² eigenbasis times its
     768-wide factor): the Gram's eigenvectors stay as reduction reflectors times the tridiagonal's
     eigenvectors (no syevd); a wide y still takes syevd. Both match the SVD."""
-    from merging import lapack, linalg
+    from merging.linalg import decompositions as linalg, lapack
     if not lapack.available(torch.zeros(1, dtype=torch.float64)):
         pytest.skip("scipy-openblas32 is a project dependency; installed by make install")
     calls = []

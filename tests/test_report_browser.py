@@ -1,4 +1,4 @@
-"""The HTML merge report (workers/report_html.py) opened in a real browser: a small real TSV-M merge
+"""The HTML merge report (workers/report/report_html.py) opened in a real browser: a small real TSV-M merge
 with diagnostics, ``render_report_html``, then headless Chromium (tests/browser.py) with a probe that
 checks every plot image actually decoded. Without Chromium the browser test skips loudly; the
 structural checks on the HTML (each plot a valid, non-blank PNG) run regardless."""
@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 import merging
 
 pytest.importorskip("matplotlib")
-from workers.report_html import render_report_html  # noqa: E402
+from workers.report.report_html import render_report_html  # noqa: E402
 
 WIDTH = 32
 BLOCKS = 4

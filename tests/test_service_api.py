@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from service.models import STATUSES
+from workers.jobs.models import STATUSES
 from tests.prom import sample, samples
 from tests.service_fixtures import *  # noqa: F401,F403
 from tests.service_fixtures import API_KEYS, MANY_SHAPES, TOKENS, job_spec, service_settings, sha256_bytes, write_family
@@ -289,7 +289,7 @@ def test_webhook_delivered_with_valid_signature_and_retried(api, checkpoints, tm
         assert len(rec.requests) == 2  # one 500, one retry
         req = rec.requests[-1]
         h = req["headers"]
-        # verify independently of service.webhooks: Standard Webhooks, v1 = HMAC-SHA256 over id.timestamp.body
+        # verify independently of workers.webhooks: Standard Webhooks, v1 = HMAC-SHA256 over id.timestamp.body
         key = base64.b64decode(secret.removeprefix("whsec_"))
         signed = f"{h['webhook-id']}.{h['webhook-timestamp']}.".encode() + req["body"]
         expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
@@ -365,7 +365,7 @@ def test_methods_health_ready(api, tmp_path):
 def test_embedded_pool_retries_a_job_whose_worker_died(api, checkpoints, tmp_path):
     """A job left 'running' by a dead process is requeued by the reaper and then succeeds;
     one out of attempts fails with worker_lost."""
-    from service.store import JobStore
+    from workers.jobs.store import JobStore
     settings = service_settings(tmp_path, max_attempts=2)
     base, experts = write_family(checkpoints)
     srv = api(settings)
@@ -377,7 +377,7 @@ def test_embedded_pool_retries_a_job_whose_worker_died(api, checkpoints, tmp_pat
         srv.wait(c, real["id"])
         from sqlalchemy import update
 
-        from service.models import Job
+        from workers.jobs.models import Job
         with store.Session.begin() as s:
             spec = json.loads(json.dumps(real["spec"]).replace(real["id"], j1.id))
             s.execute(update(Job).where(Job.id == j1.id).values(spec=spec, status="running", attempts=1,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from service.config import Settings
+from workers.config import Settings
 from tests.service_fixtures import job_spec, sha256_bytes, write_family
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ import pytest
 from merging.errors import AccessDeniedError
 from merging.io.checkpoint import open_checkpoint
 from merging.io.sources import IOConfig
-from service.policy import InputPolicy, job_io_config
+from workers.policy import InputPolicy, job_io_config
 from tests.service_fixtures import *  # noqa: F401,F403
 from tests.service_fixtures import MANY_SHAPES, job_spec, service_settings, write_family
 

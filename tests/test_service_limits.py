@@ -45,5 +45,5 @@ def test_request_body_limit_content_length_and_chunked(api, tmp_path):
 
 
 def test_default_limit_is_one_mib(tmp_path):
-    from service.config import Settings
+    from workers.config import Settings
     assert Settings(_env_file=None).max_request_bytes == 1 << 20

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 from uvicorn.logging import AccessFormatter
 
-from service.redact import install_log_redaction, redact_query
+from workers.redact import install_log_redaction, redact_query
 
 REPO = Path(__file__).resolve().parents[1]
 SECRETS = ("SIGSECRET123", "CREDSECRET456", "STSSECRET789", "TOKSECRET321", "ATSECRET654", "BEARERSECRET987", "PWSECRET111")

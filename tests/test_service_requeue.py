@@ -12,8 +12,8 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 
-from service import dispatch
-from service.dispatch import CeleryDispatcher
+from workers import dispatch
+from workers.dispatch import CeleryDispatcher
 from tests.service_fixtures import *  # noqa: F401,F403
 from tests.service_fixtures import MANY_SHAPES, REDIS_URL, job_spec, service_settings, write_family
 

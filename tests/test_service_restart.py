@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from service.store import JobStore
+from workers.jobs.store import JobStore
 from tests.service_fixtures import MANY_SHAPES, job_spec, service_settings, settings_env, write_family
 from workers.ownership import EmbeddedOwnership
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from service.redact import redact_text
+from workers.redact import redact_text
 from tests.service_fixtures import *  # noqa: F401,F403
 from tests.service_fixtures import API_KEYS, TOKENS, job_spec, service_settings, write_family
 

@@ -12,9 +12,9 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import text, update
 
-from service.db import MIGRATIONS, get_engine, upgrade
-from service.models import Job, utcnow
-from service.store import IdempotencyConflict, JobStore
+from workers.jobs.db import MIGRATIONS, get_engine, upgrade
+from workers.jobs.models import Job, utcnow
+from workers.jobs.store import IdempotencyConflict, JobStore
 from tests.prom import sample
 from tests.service_fixtures import *  # noqa: F401,F403
 from tests.service_fixtures import job_spec, service_settings, write_family
@@ -36,7 +36,7 @@ def test_migrations_match_models_and_are_idempotent(db_url):
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
-    from service.models import Base
+    from workers.jobs.models import Base
     upgrade(db_url)
     upgrade(db_url)  # second run: nothing to do
     with get_engine(db_url).connect() as conn:

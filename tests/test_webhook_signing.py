@@ -9,7 +9,7 @@ import time
 import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from service.webhooks import sign
+from workers.webhooks import sign
 
 BODY = b'{"type":"merge.succeeded","data":{"id":"j1"}}'
 

@@ -1,53 +1,29 @@
-"""Celery on Redis. ``celery -A workers.celery_app worker`` or ``submerge worker``.
+"""The Celery worker process: ``celery -A workers.celery_app worker`` or ``submerge worker``.
 
-Delivery guarantees: ``acks_late`` with prefetch 1, so a message is only acknowledged once its
-job is done; Redis' ``visibility_timeout`` is longer than the hard time limit, so a message is
-never redelivered while its job may still run. Double execution is prevented independently by
-the job store's claim (``JobStore.claim``): a redelivered message for a running or finished job
-does nothing. A worker that dies (OOM, SIGKILL) stops renewing its job's lease; the reaper (in
-the API and in every worker) requeues the job, or fails it with ``worker_lost`` after
-``SUBMERGE_MAX_ATTEMPTS`` attempts, so a job that kills its worker does not loop. The reaper
-also sends again every queued job whose message the broker lost (service/reaper.py: the job
-store, not Redis, says what must run).
+``app`` is ``workers.broker.make_celery`` with the settings of the environment (its delivery
+guarantees are described there). The worker's signals migrate the job store at start, lower the
+worker's CPU priority before the pool forks, give each pool process its own database connections
+and GPU, and run the reaper beside the worker (workers/reaper.py: requeue jobs of lost workers,
+send again the queued jobs whose message the broker lost).
 """
 from __future__ import annotations
 
 import logging
 import sys
 
-from celery import Celery, signals
+import torch
+from billiard.process import current_process
+from celery import signals
 
-from service.config import Settings, get_settings
+from workers.broker import TASK_NAME, make_celery
+from workers.config import get_settings
+from workers.dispatch import CeleryDispatcher
+from workers.jobs.db import dispose_all, upgrade
+from workers.jobs.store import JobStore
+from workers.priority import lower_process_priority
+from workers.reaper import Reaper
 
-TASK_NAME = "submerge.run_job"
 log = logging.getLogger("submerge.worker")
-
-
-def make_celery(settings: Settings) -> Celery:
-    app = Celery("submerge", broker=settings.redis_url or "redis://127.0.0.1:6379/0", set_as_current=False)
-    app.conf.update(
-        task_acks_late=True,
-        worker_prefetch_multiplier=1,
-        task_reject_on_worker_lost=False,  # retries come from the job store's lease + attempt cap, not redelivery
-        task_ignore_result=True,           # the job record lives in the job store
-        task_soft_time_limit=settings.job_soft_time_limit,
-        task_time_limit=settings.hard_time_limit,
-        task_default_queue=settings.queue,
-        broker_transport_options={"visibility_timeout": settings.hard_time_limit + 3600},
-        broker_connection_retry_on_startup=True,
-        worker_concurrency=settings.concurrency(),
-        worker_hijack_root_logger=False,
-        worker_send_task_events=False,
-    )
-    app.conf.submerge_settings = settings
-
-    @app.task(name=TASK_NAME, acks_late=True, ignore_result=True)
-    def run_merge_job(job_id: str) -> str:
-        from workers.tasks import run_job
-        return run_job(job_id, app.conf.submerge_settings)
-
-    return app
-
 
 app = make_celery(get_settings())
 _reaper = None
@@ -55,20 +31,15 @@ _reaper = None
 
 @signals.worker_init.connect(weak=False)
 def _on_worker_init(sender=None, **_):
-    from service.db import dispose_all, upgrade
     settings = app.conf.submerge_settings
     upgrade(settings.db_url)
     dispose_all()  # no connections shared with forked pool processes
-    from workers.priority import lower_process_priority
     lower_process_priority(settings.worker_nice)  # before the pool forks: its processes inherit it
 
 
 @signals.worker_ready.connect(weak=False)
 def _on_worker_ready(sender=None, **_):
     global _reaper
-    from service.dispatch import CeleryDispatcher
-    from service.reaper import Reaper
-    from service.store import JobStore
     settings = app.conf.submerge_settings
     _reaper = Reaper(settings, JobStore(settings.db_url), CeleryDispatcher(settings))
     _reaper.start()
@@ -82,12 +53,9 @@ def _on_worker_shutdown(sender=None, **_):
 
 @signals.worker_process_init.connect(weak=False)
 def _on_process_init(**_):
-    from service.db import dispose_all
     dispose_all()
     try:  # one GPU per pool process (concurrency defaults to the GPU count)
-        import torch
         if torch.cuda.is_available():
-            from billiard.process import current_process
             index = getattr(current_process(), "index", 0) or 0
             torch.cuda.set_device(index % torch.cuda.device_count())
     except Exception:  # noqa: BLE001
@@ -107,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         args += ["--concurrency", str(settings.concurrency())]
     app.worker_main(args + argv)
     return 0
+
+
+__all__ = ["TASK_NAME", "app", "main", "make_celery"]
 
 
 if __name__ == "__main__":

@@ -8,12 +8,13 @@ import logging
 import queue
 import threading
 
-from service.config import Settings
-from service.reaper import settle
-from service.store import JobStore
+import torch
+
+from workers.config import Settings
+from workers.jobs.store import JobStore
 from workers.ownership import EmbeddedOwnership
 from workers.priority import lower_thread_priority
-from workers.tasks import run_job
+from workers.tasks import run_job, settle
 
 log = logging.getLogger("submerge.pool")
 
@@ -77,7 +78,6 @@ class EmbeddedPool:
         # Before torch runs anything here, so the OpenMP threads it starts inherit the lower priority.
         lower_thread_priority(self.settings.worker_nice)
         try:
-            import torch
             if torch.cuda.is_available():
                 torch.cuda.set_device(index % torch.cuda.device_count())  # one job per GPU
         except Exception:  # noqa: BLE001

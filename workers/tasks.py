@@ -2,13 +2,19 @@
 pool call (``run_job``).
 
 * claims the job in the store (counting the attempt; a duplicate delivery does nothing);
+* validates the stored spec and checks its URIs again (``workers.policy.admit_spec``, the function
+  the API admitted it with);
 * removes whatever an interrupted earlier attempt left in the job's storage, so a retry starts clean;
-* runs the job pipeline (``evaluation.pipeline.run_pipeline``: calibration capture, ``merging.merge``
+* runs the job program (``workers.pipeline.run_pipeline``: calibration capture, ``merging.merge``
   with α search when asked, evaluation) with output at ``{storage}/{job_id}/model`` (staged and
   published atomically by merging's Publisher, so no half-written model is ever visible);
 * a monitor thread renews the job's lease, writes phase/progress at most once per
   ``SUBMERGE_PROGRESS_INTERVAL`` and polls for cancellation, which ``should_cancel`` reports to merge();
-* writes ``report.json``, records the result and fires the callback webhook.
+* writes ``report.json`` and ``report.html`` (``workers.report``), records the result and fires the
+  callback webhook.
+
+``settle`` ends the jobs whose worker did not: the ones the reaper or a restarted embedded server
+settled for a lost worker.
 """
 from __future__ import annotations
 
@@ -20,10 +26,15 @@ import time
 import uuid
 
 from merging.errors import CancelledError, MergeError
-from service.config import Settings, get_settings
-from service.models import utcnow
-from service.storage import Storage
-from service.store import JobStore
+from workers.config import Settings, get_settings
+from workers.jobs.models import utcnow
+from workers.jobs.store import JobStore, Reaped
+from workers.pipeline import run_pipeline
+from workers.policy import PolicyError, admit_spec, job_io_config
+from workers.redact import install_log_redaction, register_secret
+from workers.report import write_reports
+from workers.storage import Storage
+from workers.webhooks import deliver_async
 
 log = logging.getLogger("submerge.worker")
 
@@ -105,53 +116,11 @@ class _Monitor(threading.Thread):
             self.join(timeout=10)
 
 
-def _artifacts(storage: Storage, job_id: str, files: dict) -> list[dict]:
-    import hashlib
-    out = [{"path": name, "size": int(meta["size"]), "sha256": meta["sha256"], "uri": storage.uri(job_id, f"model/{name}")}
-           for name, meta in sorted(files.items())]
-    marker = storage.read_bytes(job_id, "model/merge.json")
-    out.append({"path": "merge.json", "size": len(marker), "sha256": hashlib.sha256(marker).hexdigest(),
-                "uri": storage.uri(job_id, "model/merge.json")})
-    return out
-
-
-def _report(job, outcome, artifacts: list[dict], timings: dict) -> dict:
-    result = outcome.merge
-    m = result.manifest
-    return {
-        "format": "submerge.report/0",
-        "job_id": job.id,
-        "method": m.get("method"),
-        "params": m.get("params"),
-        "created": m.get("created"),
-        "software": m.get("software"),
-        "device": m.get("device"),
-        "compute_dtype": m.get("compute_dtype"),
-        "attempts": job.attempts,
-        "inputs": m.get("inputs"),
-        "files": m.get("files"),
-        "artifacts": artifacts,
-        "timings_s": {**(m.get("timings_s") or {}), **{k: round(v, 3) for k, v in outcome.timings.items()
-                                                         if k != "merge"}, **timings},
-        "coverage": {"summary": m.get("coverage"), "tensors": m.get("tensors")},
-        "notes": m.get("notes"),
-        "diagnostics": result.diagnostics,
-        "calibration": outcome.calibration,
-        "evaluation": outcome.evaluation,
-    }
-
-
 def run_job(job_id: str, settings: Settings | None = None, *, stop_event: threading.Event | None = None,
             owner: str | None = None) -> str:
     """Run one job end to end. Returns the outcome (a job status, or ``skipped`` when the job was
     not claimable, or ``released`` when ``stop_event`` interrupted it and it went back to the queue).
     ``owner``: the embedded server's identity, carried in the worker name."""
-    from evaluation.pipeline import run_pipeline
-    from merging.spec import MergeSpec
-    from service.policy import PolicyError, check_spec, job_io_config
-    from service.webhooks import deliver_async
-
-    from service.redact import install_log_redaction, register_secret
     settings = settings or get_settings()
     install_log_redaction()
     register_secret(settings.webhook_secret)
@@ -182,22 +151,12 @@ def run_job(job_id: str, settings: Settings | None = None, *, stop_event: thread
     t0 = time.perf_counter()
     monitor.start()
     try:
-        spec = MergeSpec.model_validate(job.spec)
-        check_spec(spec, settings)
+        spec = admit_spec(job.spec, settings)  # as at submission: the policy or the files may have changed
         storage.clear_job(job_id)  # leftovers of an interrupted attempt
-        io = job_io_config(settings)  # every file opened and every HTTP hop checked again
+        io = job_io_config(settings, storage)  # every file opened and every HTTP hop checked again
         run = run_pipeline(spec, progress=progress, io=io, should_cancel=should_cancel, cache_dir=io.cache_dir)
         result = run.merge
-        artifacts = _artifacts(storage, job_id, result.files)
-        report = _report(job, run, artifacts, {"job_wall": round(time.perf_counter() - t0, 3)})
-        storage.write_json(job_id, "report.json", report)
-        if result.diagnostics is not None or run.evaluation is not None:
-            from workers.report_html import render_report_html
-            page = dict(result.diagnostics or {"method": spec.method, "experts": spec.expert_names(),
-                                               "params": result.manifest.get("params")})
-            if run.evaluation is not None:
-                page["evaluation"] = run.evaluation
-            storage.write_bytes(job_id, "report.html", render_report_html(page).encode())
+        artifacts = write_reports(storage, job, spec, run, t0)
         manifest = {k: v for k, v in result.manifest.items() if k != "tensors"}
         outcome = ("succeeded", None, {
             "model_uri": storage.model_uri(job_id), "report_uri": storage.uri(job_id, "report.json"),
@@ -251,3 +210,17 @@ def run_job(job_id: str, settings: Settings | None = None, *, stop_event: thread
     log.info("job %s: %s%s", job_id, status, f" ({error[0]}: {error[1]})" if error else "")
     deliver_async(job_id, settings, store)
     return status
+
+
+def settle(reaped: list[Reaped], settings: Settings, store: JobStore) -> None:
+    """After lost jobs were settled in the store (by the reaper, or by a restarted embedded server
+    reclaiming them): a finished one (failed, cancelled) keeps nothing in storage (the lost attempt
+    may have left files) and its webhook fires. Requeued ones are the caller's to send."""
+    for r in reaped:
+        if r.outcome == "requeued":
+            continue
+        try:
+            Storage(settings).clear_job(r.job_id)
+        except Exception:  # noqa: BLE001 - storage trouble must not stop the reaper
+            log.exception("job %s: cannot remove what the lost attempt left", r.job_id)
+        deliver_async(r.job_id, settings, store)

@@ -42,6 +42,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from merging.diagnostics import metrics as M
+from merging.linalg.spectral import small_side_eig, spectral_dtype, top_factors
 from merging.methods.base import TensorJob
 from merging.roles import infer_role
 
@@ -152,11 +153,11 @@ def analyse_layer(taus: torch.Tensor, merged: torch.Tensor, *, method: str, para
     t0 = time.perf_counter()
     n_tasks, m, n = taus.shape
     r = min(m, n)
-    dtype = M._compute_dtype(taus)
+    dtype = spectral_dtype(taus)
     x = taus.to(dtype)
     mx = merged.to(dtype)
-    eigs = [M.small_side_eig(x[t]) for t in range(n_tasks)]
-    merged_eig = M.small_side_eig(mx)
+    eigs = [small_side_eig(x[t]) for t in range(n_tasks)]
+    merged_eig = small_side_eig(mx)
     task_s = [e.s.to(torch.float64).cpu() for e in eigs]
     merged_s = merged_eig.s.to(torch.float64).cpu()
     idx = M.profile_indices(r, profile_points)
@@ -171,26 +172,25 @@ def analyse_layer(taus: torch.Tensor, merged: torch.Tensor, *, method: str, para
     grams = torch.stack([e.gram for e in eigs])
     total = x.sum(0)
     basis_name = M.sar_basis(method, params, role)
-    sum_eig = M.small_side_eig(total) if basis_name == "task_sum" or method in ("iso_c", "iso_cts") else None
-    trunc = M.truncation_ranks(method, params, (m, n), n_tasks, role)
-    out["truncation"] = trunc
-    if trunc and method in ("iso_c", "iso_cts"):  # common space of the sum + top-s residual directions
-        k_c, s_t = trunc["common"], (0 if method == "iso_c" else trunc["per_task"][0])
-        u_common = M.top_factors(total, sum_eig, k_c)[0]
-        out["energy_kept"] = M.iso_energy_kept(x, u_common, s_t, grams)
-        trunc["energy_rule"] = "(‖U_cᵀΔ_t‖² + top-s energy of the residual) / ‖Δ_t‖², U_c = top-k of Σ_t Δ_t"
-    elif trunc:
-        out["energy_kept"] = [M.energy_kept(task_s[t], trunc["per_task"][t]) for t in range(n_tasks)]
-        trunc["energy_rule"] = "Σ_{i<k} σ_i² / Σ σ_i² of Δ_t" + (" (upper bound: ESD keeps activation-eigen directions)"
-                                                               if "ESD" in trunc["rule"] else "")
+    trunc = M.method_truncation(method, params, (m, n), n_tasks, role)
+    common_space = trunc is not None and trunc.common is not None
+    sum_eig = small_side_eig(total) if basis_name == "task_sum" or common_space else None
+    out["truncation"] = None if trunc is None else trunc.report(n_tasks)
+    if common_space:  # a common space of the sum, plus each task's top residual directions outside it
+        u_common = top_factors(total, sum_eig, trunc.common)[0]
+        out["energy_kept"] = M.iso_energy_kept(x, u_common, trunc.residual, grams)
+        out["truncation"]["energy_rule"] = "(‖U_cᵀΔ_t‖² + top-s energy of the residual) / ‖Δ_t‖², U_c = top-k of Σ_t Δ_t"
+    elif trunc is not None:
+        out["energy_kept"] = [M.energy_kept(task_s[t], trunc.per_task) for t in range(n_tasks)]
+        out["truncation"]["energy_rule"] = "Σ_{i<k} σ_i² / Σ σ_i² of Δ_t" + (
+            f" (upper bound: {trunc.upper_bound})" if trunc.upper_bound else "")
     else:
         out["energy_kept"] = None
     sq_norms = grams.diagonal(dim1=-2, dim2=-1).sum(-1).to(torch.float64)  # ‖Δ_t‖_F² = tr(Gram)
     out["sar"] = M.sar(x, mx, merged_eig=merged_eig, basis=total if basis_name == "task_sum" else None, basis_eig=sum_eig,
                        task_grams=grams if merged_eig.side == "left" else None, task_sq_norms=sq_norms)
     out["sar"]["basis"] = basis_name
-    k_sti = M.tsvm_rank(m, n, n_tasks)
-    out["sti"] = M.sti_before_after(x, k_sti, method in M.ORTHOGONALISING_METHODS, eigs)
+    out["sti"] = M.sti_before_after(x, M.sti_rank(m, n, n_tasks), M.method_class(method).orthogonalises, eigs)
     out["rank_collapse"] = M.rank_collapse(merged_s, task_s)
     t1 = time.perf_counter()
     out["cost_s"] = {"svd": t1 - t0}

@@ -20,8 +20,8 @@ import torch
 
 from merging.diagnostics.collector import DiagnosticsCollector, analyse_layer, select_layers, svd_sample_size
 from merging.diagnostics import metrics as M
+from merging.methods import get_method
 from merging.methods.base import MergeContext, TensorJob
-from merging.registry import get_method
 from merging.roles import infer_role
 
 D = 768

@@ -9,40 +9,29 @@ Which linear algebra is used where:
 
 * ``merging.linalg.polar`` (STI after orthogonalisation) and ``merging.linalg.svd``
   (``singular_values(..., exact=True)``) are the shared routines the methods use.
-* ``small_side_eig`` is the diagnostics' own, cheaper route to a matrix's spectrum: one GEMM for
-  the Gram matrix of the small side and one ``eigh``, both in the input's precision (at least
-  float32). On one CPU core that is 2-4x cheaper than LAPACK's SVD and than ``linalg.top_singular``
-  (which forms the Gram in float64 for the methods' 1e-12 accuracy), and it gives the whole
-  spectrum plus the singular vectors of the small side at once. Cost matters because the
-  diagnostics repeat this for T task matrices per analysed layer. Price of the float32 Gram:
-  singular values below about 5e-4·σ1 carry an absolute error of that order. That does not move
-  any summary here (energy fractions, σ-entropy, top values, the 1 % threshold) by more than ~1e-6;
-  ``small_side_eig`` reports values below 1e-3·σ1 as 0 (float64: 1e-7·σ1).
+* ``merging.linalg.spectral`` (``small_side_eig``, ``top_factors``, ``polar_gram``) is the
+  diagnostics' own, cheaper route to a matrix's spectrum (its docstring says what that costs in
+  accuracy and why it is enough here).
+
+What a method did to a layer (the rank it kept, the basis that orders its merged matrix's
+directions, whether it orthogonalised) comes from the method's own hooks
+(``merging.methods.base.MergeMethod.truncation``, ``.sar_basis``, ``.orthogonalises``): nothing
+here names a method.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
 
-from merging.linalg import divide_columns, polar, svd
-from merging.methods.esm import ESD_ROLES
-from merging.methods.iso_cts import iso_cts_sizes
-from merging.methods.tsv_m import tsvm_rank
+from merging.linalg import polar
+from merging.linalg.spectral import SmallSideEig, polar_gram, singular_values, small_side_eig, top_factors  # noqa: F401
+from merging.methods import get_method
+from merging.methods.base import MergeMethod, MethodParams, SarBasis, Truncation
 from merging.roles import NON_MATRIX_2D_ROLES, Role, RoleInfo
 
-# Method families (ids as registered in merging/methods).
-SUM_METHODS = frozenset({"task_arithmetic", "ties", "consensus", "dare", "breadcrumbs", "weight_average"})
-# Methods whose merged matrix is built from orthonormal (polar / SVD) factors.
-ORTHOGONALISING_METHODS = frozenset({"tsv_m", "iso_c", "iso_cts", "esm"})
-
 SAR_THRESHOLD = 0.95  # fig_3a.py
-
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
 
 
 # =============================================================================================
@@ -122,74 +111,6 @@ def mean_off_diagonal(c: torch.Tensor) -> float:
 # Spectra
 # =============================================================================================
 
-@dataclass
-class SmallSideEig:
-    """Spectrum of an (m, n) matrix from the eigendecomposition of its small-side Gram matrix.
-
-    ``side == "right"`` (m ≥ n): ``gram = aᵀa`` (n×n) and ``vecs`` are right singular vectors.
-    ``side == "left"`` (m < n): ``gram = a aᵀ`` (m×m) and ``vecs`` are left singular vectors.
-    ``s``: all r = min(m, n) singular values, descending; ``vecs[:, i]`` belongs to ``s[i]``.
-    """
-    side: str
-    gram: torch.Tensor
-    s: torch.Tensor
-    vecs: torch.Tensor | None
-
-
-# Below this fraction of σ_1 a singular value from a Gram eigendecomposition is indistinguishable
-# from 0 (measured float32 noise: ≤ 5e-4·σ_1 for 768-wide matrices); such values are set to 0.
-_SIGMA_FLOOR = {torch.float32: 1e-3, torch.float64: 1e-7}
-
-
-def small_side_eig(a: torch.Tensor, vectors: bool = True) -> SmallSideEig:
-    """σ (and small-side singular vectors) of ``a`` via ``eigh`` of its small-side Gram matrix.
-
-    ``σ_i = sqrt(λ_i(aᵀa))`` (or of ``a aᵀ``); see the module docstring for cost and accuracy.
-    Values below 1e-3·σ_1 (float32; 1e-7·σ_1 in float64) are returned as 0: the Gram route cannot
-    resolve them, and left as noise they would inflate the effective rank of low-rank matrices.
-    """
-    x = a.to(_compute_dtype(a))
-    m, n = x.shape
-    right = m >= n
-    gram = x.mT @ x if right else x @ x.mT
-    gram = (gram + gram.mT) / 2
-    if vectors:
-        evals, vecs = torch.linalg.eigh(gram)
-        vecs = vecs.flip(-1)
-    else:
-        evals, vecs = torch.linalg.eigvalsh(gram), None
-    s = evals.flip(-1).clamp_min(0).sqrt()
-    if s.numel():
-        s = torch.where(s > _SIGMA_FLOOR[x.dtype] * s[0], s, torch.zeros_like(s))
-    return SmallSideEig("right" if right else "left", gram, s, vecs)
-
-
-
-def singular_values(a: torch.Tensor, exact: bool = False) -> torch.Tensor:
-    """All r singular values of ``a``, descending, float64 on the CPU.
-
-    ``exact=True`` uses ``merging.linalg.svd`` (LAPACK); otherwise ``small_side_eig``.
-    """
-    if exact:
-        return svd(a.to(torch.float64))[1].cpu()
-    return small_side_eig(a, vectors=False).s.to(torch.float64).cpu()
-
-
-def top_factors(a: torch.Tensor, eig: SmallSideEig, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k singular triplets of ``a`` from its ``small_side_eig``: ``(U_k (m×k), S_k (k,), V_k (n×k))``.
-
-    The other side's vectors are ``a v_i / σ_i`` (or ``aᵀ u_i / σ_i``); a zero σ gives a zero
-    vector, which contributes nothing to any σ-weighted quantity.
-    """
-    if eig.vecs is None:
-        raise ValueError("top_factors needs small_side_eig(..., vectors=True)")
-    x = a.to(eig.gram.dtype)
-    s = eig.s[:k]
-    w = eig.vecs[:, :k]
-    other = divide_columns((x @ w) if eig.side == "right" else (x.mT @ w), s)
-    return (other, s, w) if eig.side == "right" else (w, s, other)
-
-
 def stable_rank(s: torch.Tensor) -> float:
     """Stable rank ``‖M‖_F² / ‖M‖_2² = Σ σ_i² / σ_1²`` (0 for the zero matrix)."""
     s = s.to(torch.float64)
@@ -238,7 +159,7 @@ def spectrum_summary(s: torch.Tensor, n_top: int = 16, small: float = 0.01) -> d
 
 
 # =============================================================================================
-# Truncation: which rank does a method keep, and how much energy is that
+# What the method did: each method declares it through its hooks (merging/methods/base.py)
 # =============================================================================================
 
 def _role_of(role: RoleInfo | Role | str | None) -> Role | None:
@@ -249,47 +170,49 @@ def _role_of(role: RoleInfo | Role | str | None) -> Role | None:
     return Role(role)
 
 
-def truncation_ranks(method: str, params: Mapping[str, Any] | None, shape: Sequence[int], n_tasks: int,
-                     role: RoleInfo | Role | str | None = None) -> dict[str, Any] | None:
-    """The rank each task keeps in a method's truncation of one matrix key, or ``None`` when the
-    method does not truncate task matrices (sum-type methods, non-matrix keys).
+def method_class(method: str) -> type[MergeMethod]:
+    """The class of the method ``method``. An unknown id gets the base class, whose hooks say what
+    a method that declares nothing does: nothing truncated, directions ordered by the merged
+    matrix, no orthogonalisation."""
+    try:
+        return get_method(method)
+    except KeyError:
+        return MergeMethod
 
-    Returns ``{"per_task": [k_1 … k_T], "common": k_c | None, "rule": str}``:
 
-    * ``tsv_m``: ``int(r/T)`` per task (``methods.tsv_m.tsvm_rank``, ALGORITHMS.md §1.1).
-    * ``iso_cts``: ``s`` per task plus a ``k``-dimensional common space (``methods.iso_cts.iso_cts_sizes``
-      with ``params["common_space_fraction"]``, default 0.8; §2.2).
-    * ``esm``: ``int(d_out/T)`` on ESD roles (d_out = shape[0]; computed inline in ``Esm._esd_merge``;
-      these are activation-eigen directions, so the singular-value energy reported for them is an
-      upper bound), TSV-M's ``int(r/T)`` on other matrices (§4.2, §4.4). ``role=None`` is taken as ESD.
-    * ``iso_c``: full rank r (the spectrum of the sum is flattened, nothing is cut; §2.1).
-    * sum-type methods (``task_arithmetic``, ``ties``, ``consensus``, ``dare``, ``breadcrumbs``,
-      ``weight_average``) and unknown ids: ``None``.
+def _typed_params(cls: type[MergeMethod], params: Mapping[str, Any] | None) -> MethodParams:
+    """The method's typed parameters, from their JSON form in the report (an unknown method's
+    parameters are not read: the base class's hooks ignore them)."""
+    if cls is MergeMethod:
+        return MethodParams()
+    return cls.Params.model_validate(dict(params or {}))
 
-    ``shape`` is the (out, in) shape; keys that are not 2-D, or whose role the SVD methods average
-    (embeddings, LM heads, ``text_projection``), give ``None``.
-    """
-    params = dict(params or {})
+
+def method_truncation(method: str, params: Mapping[str, Any] | None, shape: Sequence[int], n_tasks: int,
+                      role: RoleInfo | Role | str | None = None) -> Truncation | None:
+    """What ``method`` keeps of each task matrix of one key (``MergeMethod.truncation``), or None
+    when it cuts nothing or the key is no matrix: not 2-D, or a role the SVD methods average
+    (embeddings, LM heads, ``text_projection``). ``shape`` is (out, in)."""
     r_role = _role_of(role)
     if len(shape) != 2 or (r_role is not None and r_role in NON_MATRIX_2D_ROLES):
         return None
-    m, n = int(shape[0]), int(shape[1])
-    r = min(m, n)
-    if method == "tsv_m":
-        k = tsvm_rank(m, n, n_tasks)
-        return {"per_task": [k] * n_tasks, "common": None, "rule": "tsv_m: int(r/T)"}
-    if method == "iso_cts":
-        k, s = iso_cts_sizes(r, n_tasks, float(params.get("common_space_fraction", 0.8)))
-        return {"per_task": [s] * n_tasks, "common": k, "rule": "iso_cts: s per task + k common (round half to even)"}
-    if method == "esm":
-        if r_role is None or r_role in ESD_ROLES:
-            k = int(m * (1 / n_tasks))
-            return {"per_task": [k] * n_tasks, "common": None, "rule": "esm: int(d_out/T) activation-eigen directions (ESD layer)"}
-        k = tsvm_rank(m, n, n_tasks)
-        return {"per_task": [k] * n_tasks, "common": None, "rule": "esm: TSV-M int(r/T) (non-ESD matrix)"}
-    if method == "iso_c":
-        return {"per_task": [r] * n_tasks, "common": r, "rule": "iso_c: full rank"}
-    return None
+    cls = method_class(method)
+    return cls.truncation(_typed_params(cls, params), (int(shape[0]), int(shape[1])), n_tasks, r_role)
+
+
+def truncation_ranks(method: str, params: Mapping[str, Any] | None, shape: Sequence[int], n_tasks: int,
+                     role: RoleInfo | Role | str | None = None) -> dict[str, Any] | None:
+    """The rank each task keeps in a method's truncation of one matrix key, as the report states
+    it: ``{"per_task": [k_1 … k_T], "common": k_c | None, "rule": str}``, or ``None`` when the
+    method does not truncate task matrices (sum-type methods, unknown ids, non-matrix keys)."""
+    trunc = method_truncation(method, params, shape, n_tasks, role)
+    return None if trunc is None else trunc.report(n_tasks)
+
+
+def sti_rank(m: int, n: int, n_tasks: int) -> int:
+    """The rank k per task at which STI is computed for every method, so that values compare:
+    TSV-M's ``int(r/T)`` (ALGORITHMS.md §1.1)."""
+    return int(min(m, n) * (1 / n_tasks))
 
 
 def energy_kept(s: torch.Tensor, k: int) -> float:
@@ -371,8 +294,9 @@ def subspace_alignment_ratio(taus: torch.Tensor, u: torch.Tensor, k: int) -> tor
     return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.full_like(den, float("nan"))).cpu()
 
 
-def sar_basis(method: str, params: Mapping[str, Any] | None = None, role: RoleInfo | Role | str | None = None) -> str:
-    """Which matrix orders the directions for SAR: ``"merged"`` or ``"task_sum"``.
+def sar_basis(method: str, params: Mapping[str, Any] | None = None, role: RoleInfo | Role | str | None = None) -> SarBasis:
+    """Which matrix orders the directions for SAR: ``"merged"`` or ``"task_sum"`` (the method's
+    ``MergeMethod.sar_basis``).
 
     SAR keeps the leading k_M left singular vectors. Methods that flatten the spectrum of the
     merged matrix (Iso-C, Iso-CTS, ESM's ESD layers ``2·polar·polar``, and Subspace Boosting, which
@@ -381,15 +305,8 @@ def sar_basis(method: str, params: Mapping[str, Any] | None = None, role: RoleIn
     Σ_t Δ_t for Iso (the Iso-C merge has exactly those; Subspace Boosting on TA keeps them too;
     for Iso-CTS, ESM and boosted TIES/Consensus the sum is a proxy). Everything else: the merged
     matrix's own U."""
-    params = dict(params or {})
-    r_role = _role_of(role)
-    if method in ("iso_c", "iso_cts"):
-        return "task_sum"
-    if method == "esm" and (r_role is None or r_role in ESD_ROLES):
-        return "task_sum"
-    if method in SUM_METHODS and params.get("subspace_boosting"):
-        return "task_sum"
-    return "merged"
+    cls = method_class(method)
+    return cls.sar_basis(_typed_params(cls, params), _role_of(role))
 
 
 def sar(taus: torch.Tensor, merged: torch.Tensor, *, merged_eig: SmallSideEig | None = None,
@@ -484,28 +401,6 @@ def sti_from_grams(gu: torch.Tensor, s_cat: torch.Tensor, gv: torch.Tensor) -> f
         return 0.0
     eye = torch.eye(k, dtype=gu.dtype, device=gu.device)
     return float((((gu - eye) * s_cat.to(gu.dtype)) @ (gv - eye)).abs().sum().to(torch.float64))
-
-
-def polar_gram(g: torch.Tensor) -> torch.Tensor:
-    """``PᵀP`` for ``P = merging.linalg.polar(X)``, from ``g = XᵀX`` alone (K×K; X tall, m ≥ K).
-
-    For full-rank X, ``polar(X) = X (XᵀX)^{-1/2}``, so ``PᵀP = G^{-1/2} G G^{-1/2}`` (= I up to
-    rounding). When X is numerically rank-deficient (σ_min < 1e-6·σ_max, the guard
-    ``linalg.polar`` uses; 1e-3 for a float32 Gram, which cannot resolve smaller σ), ``linalg.polar``
-    returns ``U Vh`` of a thin SVD, whose columns are orthonormal, so ``PᵀP = I`` exactly. Costs one K×K ``eigh`` instead of forming P (m×K).
-    Computed in ``g``'s precision: in float32 the result is I to ~1e-5 (float64: ~1e-14).
-    """
-    dtype = g.dtype
-    g = (g + g.mT) / 2
-    evals, w = torch.linalg.eigh(g)
-    ev = evals.clamp_min(0)
-    smax = ev.max().sqrt() if ev.numel() else torch.tensor(0.0)
-    guard = 1e-6 if dtype == torch.float64 else 1e-3  # a float32 Gram resolves σ down to ~5e-4·σ_max only
-    if ev.numel() == 0 or smax == 0 or ev.min().sqrt() < guard * smax:
-        return torch.eye(g.shape[-1], dtype=dtype, device=g.device)
-    half = w * ev.rsqrt().unsqueeze(-2)  # G^{-1/2} = W Λ^{-1/2} Wᵀ
-    inv_sqrt = half @ w.mT
-    return (inv_sqrt @ g @ inv_sqrt).to(dtype)
 
 
 def task_factors(taus: torch.Tensor, k: int, eigs: Sequence[SmallSideEig] | None = None

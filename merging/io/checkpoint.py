@@ -19,6 +19,7 @@ import threading
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Iterable, Iterator
 
 import torch
 
@@ -305,3 +306,21 @@ def open_checkpoint(uri: str | os.PathLike, label: str, cfg: IOConfig | None = N
     if not metas:
         raise InputError(f"{label}: {uri} holds no tensors")
     return Checkpoint(uri=uri, label=label, format=fmt, metas=metas, side_files=side, _files=files)
+
+
+def iter_tensors(uri: str | os.PathLike, label: str, cfg: IOConfig | None = None, revision: str | None = None,
+                 keys: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(key, tensor)`` for every tensor of a checkpoint (or for ``keys``), one at a time in fresh
+    memory; the checkpoint is closed when the iteration ends."""
+    ck = open_checkpoint(uri, label, cfg, revision)
+    try:
+        for key in ck.keys() if keys is None else keys:
+            yield key, ck.read(key)
+    finally:
+        ck.close()
+
+
+def read_tensors(uri: str | os.PathLike, label: str, cfg: IOConfig | None = None,
+                 revision: str | None = None) -> dict[str, torch.Tensor]:
+    """A whole checkpoint in memory, key -> tensor (evaluation runs whole models)."""
+    return dict(iter_tensors(uri, label, cfg, revision))

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from merging.errors import AccessDeniedError, UnreadableURIError
 from merging.io.guard import InputGuard, checked_local_path, guarded_http_client
@@ -120,7 +121,6 @@ def hf_path(rest: str, revision: str | None) -> str:
 def _fs_for(uri: str, cfg: IOConfig, revision: str | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     scheme, rest = split_scheme(uri)
     if scheme in ("", "file"):
-        from fsspec.implementations.local import LocalFileSystem
         return LocalFileSystem(), os.path.abspath(os.path.expanduser(rest))
     if scheme not in REMOTE_SCHEMES:
         raise UnreadableURIError(f"unsupported URI scheme {scheme!r} in {uri} (use a path, file://, s3://, http(s):// or hf://)")

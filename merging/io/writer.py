@@ -24,6 +24,7 @@ import os
 import posixpath
 import re
 import shutil
+import tempfile
 import threading
 import uuid
 
@@ -217,7 +218,6 @@ class Publisher:
         pre-flight checks have no side effects."""
         cfg = self.cfg
         if self.target.remote:
-            import tempfile
             try:
                 os.makedirs(cfg.cache_dir, exist_ok=True)
                 self.staging = tempfile.mkdtemp(prefix="submerge-out-", dir=cfg.cache_dir)

@@ -10,20 +10,22 @@ Methods that need statistics across keys (TIES's global trim threshold) declare
 merge pass. Methods whose final scale depends on other keys' merged results (ESM's
 inter-layer scaling) return a group from ``rescale_group``; the engine spills those merged
 tensors to disk, collects their norms, and applies ``group_factors`` at the end.
+
+The data-free diagnostics (merging/diagnostics) name no method: what they need to know about one
+(the rank it keeps of each task matrix, which basis orders its merged matrix's directions, whether
+it orthogonalises) each method declares through the hooks at the end of ``MergeMethod``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from merging.roles import NON_MATRIX_2D_ROLES, RoleInfo
-
-if TYPE_CHECKING:
-    from merging.alpha import AlphaSearch
-    from merging.calibration import CalibrationSet
+from merging.alpha import AlphaSearch
+from merging.calibration import CalibrationSet
+from merging.roles import NON_MATRIX_2D_ROLES, Role, RoleInfo
 
 
 class MethodParams(BaseModel):
@@ -45,12 +47,33 @@ class TensorJob:
         return self.taus.ndim == 3 and self.role.role not in NON_MATRIX_2D_ROLES
 
 
+@dataclass(frozen=True)
+class Truncation:
+    """What a method keeps of each task matrix of one key, for the diagnostics' energy-kept figures."""
+    per_task: int  # directions each task keeps
+    rule: str  # how ``per_task`` follows from the shape, as the report states it
+    # A subspace of the task sum, of this size, kept for every task (Iso-C/CTS): the energy kept
+    # is then measured in it, plus ``residual`` directions of each task outside it.
+    common: int | None = None
+    residual: int = 0
+    # Why the singular-value energy of the top ``per_task`` directions only bounds what is kept
+    # (the method keeps other directions than the task matrix's singular vectors), or None.
+    upper_bound: str | None = None
+
+    def report(self, n_tasks: int) -> dict[str, Any]:
+        """The ``truncation`` entry of an analysed layer in diagnostics.json."""
+        return {"per_task": [self.per_task] * n_tasks, "common": self.common, "rule": self.rule}
+
+
+SarBasis = Literal["merged", "task_sum"]
+
+
 @dataclass
 class MergeContext:
     expert_names: list[str]
     device: torch.device
     dtype: torch.dtype
-    calibration: "CalibrationSet | None" = None
+    calibration: CalibrationSet | None = None
     notes: dict[str, Any] = field(default_factory=dict)  # method-reported facts for the manifest
 
     @property
@@ -69,7 +92,7 @@ class MergeMethod:
     # per tensor, where glibc's heap would otherwise hold several times what is in use.
     unmap_freed_arrays: ClassVar[bool] = False
     # How params.alpha = "auto" searches α (merging/alpha.py); None: the method has no α to search.
-    alpha_search: ClassVar["AlphaSearch | None"] = None
+    alpha_search: ClassVar[AlphaSearch | None] = None
     # Other parameters that accept "auto": chosen on validation data by the evaluation pipeline
     # before the merge (consensus: the per-task TALL-mask λ), never seen as "auto" by merge().
     validation_searched: ClassVar[tuple[str, ...]] = ()
@@ -110,6 +133,25 @@ class MergeMethod:
 
     def group_factors(self, norms: dict[str, dict[str, float]]) -> dict[str, float]:
         return {}
+
+    # -- what the diagnostics need to know ------------------------------------------------------
+    # Whether the merged matrix is built from orthonormal (polar or SVD) factors: the diagnostics
+    # then report the interference (STI) of the orthogonalised task factors after the merge; a
+    # method that keeps the task factors (a sum) has the same STI after as before.
+    orthogonalises: ClassVar[bool] = False
+
+    @classmethod
+    def truncation(cls, params: MethodParams, shape: tuple[int, int], n_tasks: int, role: Role | None) -> Truncation | None:
+        """What the method keeps of each of the ``n_tasks`` task matrices of a matrix key of
+        ``shape`` (out, in) and ``role`` (None: unknown), or None when it cuts nothing."""
+        return None
+
+    @classmethod
+    def sar_basis(cls, params: MethodParams, role: Role | None) -> SarBasis:
+        """Which matrix's left singular vectors order the directions for SAR (ALGORITHMS.md §2.4):
+        ``"merged"``, or ``"task_sum"`` (the sum of the task matrices) for a merge that flattens
+        the spectrum of the merged matrix, whose own singular vectors are then in no order."""
+        return "merged"
 
 
 class MatrixMethod(MergeMethod):

@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from merging.alpha import SUM_GRID
 from merging.methods.base import MergeMethod, MethodParams, TensorJob
-from merging.registry import register
+from merging.methods.registry import register
 
 
 class BreadcrumbsParams(MethodParams):

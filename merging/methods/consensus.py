@@ -3,7 +3,7 @@
 Per task t: m_t = |τ_t| > λ_t · |Σ_s τ_s − τ_t| (the official |θ0 − θ_t| > λ_t |θ_MTL − θ_t| with
 θ_MTL = θ0 + Σ_s τ_s). Entries kept by at least k masks form the consensus mask c, and the
 result is (Σ_t τ_t) ⊙ c. ``"lambda": "auto"`` is the official per-task λ search (the TALL-mask step),
-run by the evaluation pipeline before the merge (``evaluation.pipeline.Pipeline.choose_tall_lambdas``).
+run by the evaluation pipeline before the merge (``workers.pipeline.Pipeline.choose_tall_lambdas``).
 """
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from merging.alpha import SUM_GRID
-from merging.methods.base import MergeMethod, TensorJob
-from merging.methods.task_arithmetic import SumMethodParams, boost
-from merging.registry import register
+from merging.methods.base import TensorJob
+from merging.methods.registry import register
+from merging.methods.sum_type import SumMethod, SumMethodParams, boost
 
 
 class ConsensusParams(SumMethodParams):
@@ -34,9 +33,8 @@ class ConsensusParams(SumMethodParams):
 
 
 @register
-class Consensus(MergeMethod):
+class Consensus(SumMethod):
     name = "consensus"
-    alpha_search = SUM_GRID
     summary = "Task Arithmetic restricted to entries that at least k TALL masks keep; optional Subspace Boosting."
     Params = ConsensusParams
     validation_searched = ("lambda",)

@@ -10,7 +10,7 @@ from pydantic import Field
 
 from merging.alpha import SUM_GRID
 from merging.methods.base import MergeMethod, MethodParams, TensorJob
-from merging.registry import register
+from merging.methods.registry import register
 
 
 class DareParams(MethodParams):

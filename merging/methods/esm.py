@@ -20,9 +20,9 @@ from pydantic import Field
 from merging.alpha import ESM_GOLDEN
 from merging.errors import CalibrationError
 from merging.linalg import gram as gram_of, polar_times, polar_with_singular_values, top_eigh
-from merging.methods.base import MergeContext, MergeMethod, MethodParams, TensorJob
-from merging.methods.tsv_m import tsv_merge_matrix
-from merging.registry import register
+from merging.methods.base import MergeContext, MergeMethod, MethodParams, SarBasis, TensorJob, Truncation
+from merging.methods.registry import register
+from merging.methods.tsv_m import tsv_merge_matrix, tsvm_rank
 from merging.roles import Role, RoleInfo
 
 ESD_ROLES = frozenset({Role.attn_qkv, Role.attn_q, Role.attn_k, Role.attn_v, Role.mlp_up, Role.mlp_gate, Role.mlp_down})
@@ -37,6 +37,11 @@ class EsmParams(MethodParams):
     norm_power: float = Field(2.0, ge=0, le=8, description="p of the polarized scalings (inter-task, column, inter-layer).")
     final_factor: float = Field(2.0, gt=0, le=10, description="Constant factor of the ESD result (hard-coded 2 officially).")
     inter_layer_scaling: bool = Field(True, description="Rescale each layer group by (‖τ_ℓ‖/mean ‖τ‖)^p.")
+
+
+def esd_rank(d_out: int, n_tasks: int) -> int:
+    """Directions each task keeps of an ESD layer: int(d_out / T) (§4.2)."""
+    return int(d_out * (1 / n_tasks))
 
 
 def activation_eigen(dw: torch.Tensor, gram: torch.Tensor, count: int, r: int
@@ -125,6 +130,7 @@ class Esm(MergeMethod):
     # eigenvectors, LAPACK workspace and products, +0.45 GB of RSS each, measured): two workers
     # never run two of those at once, while a smaller layer's may run beside one.
     unmap_freed_arrays = True
+    orthogonalises = True
 
     def __init__(self, params: EsmParams, ctx: MergeContext):
         super().__init__(params, ctx)
@@ -161,6 +167,22 @@ class Esm(MergeMethod):
                 factors[key] = (n / mean) ** self.params.norm_power if mean > 0 else 1.0
         return factors
 
+    @classmethod
+    def truncation(cls, params: EsmParams, shape: tuple[int, int], n_tasks: int, role: Role | None) -> Truncation:
+        # The ranks count activation-eigen directions, not the task matrix's singular vectors, so
+        # the singular-value energy they keep is an upper bound. (The report has always said so for
+        # the non-ESD matrices too, which TSV-M merges: kept as it was.)
+        caveat = "ESD keeps activation-eigen directions"
+        if role is None or role in ESD_ROLES:  # an unknown role is taken as ESD
+            return Truncation(esd_rank(shape[0], n_tasks), "esm: int(d_out/T) activation-eigen directions (ESD layer)",
+                              upper_bound=caveat)
+        return Truncation(tsvm_rank(*shape, n_tasks), "esm: TSV-M int(r/T) (non-ESD matrix)", upper_bound=caveat)
+
+    @classmethod
+    def sar_basis(cls, params: EsmParams, role: Role | None) -> SarBasis:
+        # ESD layers are 2·polar·polar, a flat spectrum: their directions are ordered by the task sum
+        return "task_sum" if role is None or role in ESD_ROLES else "merged"
+
     def merge(self, job: TensorJob):
         shape = tuple(job.taus.shape[1:])
         if not self.is_esd(job.role, shape):
@@ -170,7 +192,7 @@ class Esm(MergeMethod):
     def _esd_merge(self, job: TensorJob) -> torch.Tensor:
         p, q = self.params.norm_power, self.params.eigenvalue_power
         n_tasks, d_out, d_in = job.taus.shape
-        r = int(d_out * (1 / n_tasks))
+        r = esd_rank(d_out, n_tasks)
         if r == 0:
             return torch.zeros((d_out, d_in), dtype=torch.float64, device=job.taus.device)
         u_blocks, v_blocks, norms = [], [], []

@@ -9,8 +9,9 @@ from pydantic import Field
 
 from merging.alpha import ISO_GRID
 from merging.linalg import polar_with_singular_values
-from merging.methods.base import MatrixMethod, MethodParams, TensorJob
-from merging.registry import register
+from merging.methods.base import MatrixMethod, MethodParams, SarBasis, TensorJob, Truncation
+from merging.methods.registry import register
+from merging.roles import Role
 
 
 class IsoParams(MethodParams):
@@ -23,7 +24,17 @@ class IsoC(MatrixMethod):
     alpha_search = ISO_GRID
     summary = "Isotropic merging: flatten the spectrum of the task-vector sum to its mean singular value."
     Params = IsoParams
+    orthogonalises = True
 
     def merge_matrix(self, job: TensorJob):
         p, s = polar_with_singular_values(job.taus.sum(0))
         return s.mean() * p
+
+    @classmethod
+    def truncation(cls, params: IsoParams, shape: tuple[int, int], n_tasks: int, role: Role | None) -> Truncation:
+        r = min(shape)  # nothing is cut: the whole common space of the sum, its spectrum flattened
+        return Truncation(r, "iso_c: full rank", common=r)
+
+    @classmethod
+    def sar_basis(cls, params: IsoParams, role: Role | None) -> SarBasis:
+        return "task_sum"  # a flat spectrum: fig_3a.py orders the directions by the task sum, whose U the merge keeps

@@ -13,9 +13,10 @@ from pydantic import Field
 
 from merging.alpha import ISO_GRID
 from merging.linalg import polar, polar_times, polar_with_singular_values, top_singular, top_singular_outside
-from merging.methods.base import MatrixMethod, TensorJob
+from merging.methods.base import MatrixMethod, SarBasis, TensorJob, Truncation
 from merging.methods.iso_c import IsoParams
-from merging.registry import register
+from merging.methods.registry import register
+from merging.roles import Role
 
 
 class IsoCTSParams(IsoParams):
@@ -108,6 +109,16 @@ class IsoCTS(MatrixMethod):
     alpha_search = ISO_GRID
     summary = "Isotropic merging with common and task-specific subspaces."
     Params = IsoCTSParams
+    orthogonalises = True
 
     def merge_matrix(self, job: TensorJob):
         return iso_cts_matrix(job.taus, self.params.common_space_fraction)
+
+    @classmethod
+    def truncation(cls, params: IsoCTSParams, shape: tuple[int, int], n_tasks: int, role: Role | None) -> Truncation:
+        k, s = iso_cts_sizes(min(shape), n_tasks, params.common_space_fraction)
+        return Truncation(s, "iso_cts: s per task + k common (round half to even)", common=k, residual=s)
+
+    @classmethod
+    def sar_basis(cls, params: IsoCTSParams, role: Role | None) -> SarBasis:
+        return "task_sum"  # a flat spectrum; the task sum's U is a proxy (its common space is part of the merge)

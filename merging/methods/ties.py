@@ -14,10 +14,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from merging.alpha import SUM_GRID
-from merging.methods.base import MergeContext, MergeMethod, TensorJob
-from merging.methods.task_arithmetic import SumMethodParams, boost
-from merging.registry import register
+from merging.methods.base import MergeContext, TensorJob
+from merging.methods.registry import register
+from merging.methods.sum_type import SumMethod, SumMethodParams, boost
 
 _HI = 1 << 15  # non-negative float32: high half of the bit pattern is < 2^15 (sign bit clear)
 _LO = 1 << 16
@@ -35,9 +34,8 @@ def _bits(x: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class Ties(MergeMethod):
+class Ties(SumMethod):
     name = "ties"
-    alpha_search = SUM_GRID
     summary = "Trim to the top-k% magnitudes (global threshold), elect signs by mass, disjoint mean or sum."
     Params = TiesParams
     prepasses = 3

@@ -10,8 +10,9 @@ import torch
 
 from merging.alpha import SVD_GRID
 from merging.linalg import polar, polar_times, top_singular
-from merging.methods.base import MatrixMethod, MethodParams, TensorJob
-from merging.registry import register
+from merging.methods.base import MatrixMethod, MethodParams, TensorJob, Truncation
+from merging.methods.registry import register
+from merging.roles import Role
 
 
 def tsvm_rank(m: int, n: int, n_tasks: int) -> int:
@@ -38,6 +39,11 @@ class TSVM(MatrixMethod):
     alpha_search = SVD_GRID
     summary = "Task Singular Vectors Merge: per-task top-(r/T) singular vectors, orthogonalised across tasks."
     Params = MethodParams
+    orthogonalises = True
 
     def merge_matrix(self, job: TensorJob):
         return tsv_merge_matrix(job.taus)
+
+    @classmethod
+    def truncation(cls, params: MethodParams, shape: tuple[int, int], n_tasks: int, role: Role | None) -> Truncation:
+        return Truncation(tsvm_rank(*shape, n_tasks), "tsv_m: int(r/T)")

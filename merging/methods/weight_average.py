@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from merging.methods.base import MergeMethod, TensorJob
-from merging.registry import register
+from merging.methods.registry import register
 
 
 @register

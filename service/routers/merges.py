@@ -6,24 +6,31 @@ import copy
 import hashlib
 import json
 import re
+import uuid
+from collections import Counter
 from typing import Annotated, Any, Literal
 
+import torch
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from pydantic import ValidationError
 from starlette.convertors import Convertor, register_url_convertor
 
+from merging import preflight
+from merging.errors import MergeError
 from merging.spec import MergeSpec
 from service.dependencies import DispatcherDep, SettingsDep, StorageDep, StoreDep, TenantDep
-from service.dispatch import send
 from service.errors import ApiError, not_found, spec_error
 from service.limits import MAX_JSON_DEPTH, json_depth_exceeds
-from service.models import STATUSES
-from service.policy import PolicyError, check_spec, job_io_config
-from service.schemas import ArtifactList, ArtifactOut, ErrorBody, EventList, JobList, JobOut, ValidationReport, event_out, job_out
-from service.redact import redact_obj, redact_text, redact_uri
-from service.store import IdempotencyConflict
+from service.schemas import (ArtifactList, ArtifactOut, ErrorBody, ErrorInfo, EventList, JobList, JobOut, ValidationReport,
+                             event_out, job_out)
+from workers.dispatch import send
+from workers.jobs.models import STATUSES
+from workers.jobs.store import IdempotencyConflict
+from workers.policy import PolicyError, admit_spec, job_io_config
+from workers.redact import redact_obj, redact_text, redact_uri
+from workers.storage import Storage
 
 router = APIRouter(prefix="/v1", tags=["merges"])
 
@@ -87,8 +94,8 @@ async def _body(request: Request) -> dict[str, Any]:
     return data
 
 
-def _prepare(data: dict[str, Any], output_uri: str) -> tuple[MergeSpec, dict | None]:
-    """Validate the body as a MergeSpec with output.uri pointed at the service's storage."""
+def _job_output(data: dict[str, Any], output_uri: str) -> tuple[dict[str, Any], dict | None]:
+    """The body with output.uri pointed at the service's storage, and the output section as requested."""
     spec_dict = copy.deepcopy(data)
     requested = spec_dict.get("output")
     output = dict(requested) if isinstance(requested, dict) else ({} if requested is None else requested)
@@ -96,16 +103,15 @@ def _prepare(data: dict[str, Any], output_uri: str) -> tuple[MergeSpec, dict | N
         output["uri"] = output_uri
         output["overwrite"] = True  # a retry replaces what an interrupted attempt left
     spec_dict["output"] = output
+    return spec_dict, (copy.deepcopy(requested) if isinstance(requested, dict) else None)
+
+
+def _admit(spec_dict: dict[str, Any], settings) -> MergeSpec:
+    """``workers.policy.admit_spec`` (the worker checks the job again with it), its errors as API errors."""
     try:
-        spec = MergeSpec.model_validate(spec_dict)
+        return admit_spec(spec_dict, settings)
     except ValidationError as e:
         raise spec_error(e) from None
-    return spec, (copy.deepcopy(requested) if isinstance(requested, dict) else None)
-
-
-def _policy(spec: MergeSpec, settings) -> None:
-    try:
-        check_spec(spec, settings)
     except PolicyError as e:
         raise ApiError(422, e.code, e.message, field=e.field) from None
 
@@ -120,11 +126,10 @@ def _canonical_hash(data: dict) -> str:
 async def submit(request: Request, response: Response, tenant: TenantDep, settings: SettingsDep, store: StoreDep,
                  storage: StorageDep, dispatcher: DispatcherDep,
                  idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> JobOut:
-    import uuid
     data = await _body(request)
     job_id = str(uuid.uuid4())
-    spec, requested = _prepare(data, storage.model_uri(job_id))
-    await run_in_threadpool(_policy, spec, settings)
+    spec_dict, requested = _job_output(data, storage.model_uri(job_id))
+    spec = await run_in_threadpool(_admit, spec_dict, settings)  # the policy resolves host names: off the event loop
     try:
         job, created = await run_in_threadpool(
             store.create, tenant=tenant, method=spec.method, spec=spec.model_dump(mode="json", by_alias=True),
@@ -152,23 +157,15 @@ async def submit(request: Request, response: Response, tenant: TenantDep, settin
              summary="Dry run: validate a spec and read checkpoint headers")
 async def validate(request: Request, tenant: TenantDep, settings: SettingsDep, storage: StorageDep) -> ValidationReport:
     data = await _body(request)
-    spec, _ = _prepare(data, storage.model_uri("validate"))
-    await run_in_threadpool(_policy, spec, settings)
-    return await run_in_threadpool(_dry_run, spec, settings)
+    spec_dict, _ = _job_output(data, storage.model_uri("validate"))
+    spec = await run_in_threadpool(_admit, spec_dict, settings)
+    return await run_in_threadpool(_dry_run, spec, settings, storage)
 
 
-def _dry_run(spec: MergeSpec, settings) -> ValidationReport:
-    """merging.engine.preflight: checkpoint headers, plan, calibration coverage, the method's own checks."""
-    from collections import Counter
-
-    import torch
-
-    from merging.engine import preflight
-    from merging.errors import MergeError
-    from service.schemas import ErrorInfo
-
+def _dry_run(spec: MergeSpec, settings, storage: Storage) -> ValidationReport:
+    """merging.preflight: checkpoint headers, plan, calibration coverage, the method's own checks."""
     try:
-        pf = preflight(spec, io=job_io_config(settings))
+        pf = preflight(spec, io=job_io_config(settings, storage))
     except MergeError as e:
         return ValidationReport(valid=False, error=ErrorInfo(code=e.code, message=redact_text(str(e)), field=e.field))
     plan = pf.plan

@@ -1,27 +1,20 @@
-"""Merge-method registry: one class per method id, each with a typed parameter model."""
+"""The method registry: method id → method class, filled as ``merging.methods`` imports each
+method module (every module registers its class with ``@register``)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from merging.methods.base import MergeMethod
 
-if TYPE_CHECKING:
-    from merging.methods.base import MergeMethod
-
-_METHODS: dict[str, type["MergeMethod"]] = {}
+_METHODS: dict[str, type[MergeMethod]] = {}
 
 
-def register(cls: type["MergeMethod"]) -> type["MergeMethod"]:
+def register(cls: type[MergeMethod]) -> type[MergeMethod]:
     if cls.name in _METHODS:
         raise RuntimeError(f"merge method {cls.name!r} registered twice")
     _METHODS[cls.name] = cls
     return cls
 
 
-def _load() -> None:
-    import merging.methods  # noqa: F401  (imports every method module, which registers it)
-
-
-def get_method(name: str) -> type["MergeMethod"]:
-    _load()
+def get_method(name: str) -> type[MergeMethod]:
     try:
         return _METHODS[name]
     except KeyError:
@@ -29,13 +22,11 @@ def get_method(name: str) -> type["MergeMethod"]:
 
 
 def method_names() -> list[str]:
-    _load()
     return sorted(_METHODS)
 
 
 def describe_methods() -> list[dict]:
     """Every method with its summary, JSON parameter schema and defaults (for docs and GET /v1/methods)."""
-    _load()
     out = []
     for name in sorted(_METHODS):
         cls = _METHODS[name]

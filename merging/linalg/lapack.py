@@ -9,14 +9,14 @@
 * ``sytrd``, ``stedc`` and ``ormtr``: syevd's three steps apart (reduce to tridiagonal form
   Qᵀ A Q = T, eigenpairs of T, apply Q), so that a caller who needs only W·M or Wᵀ·M for a thin M
   can apply the reflectors to M instead of forming the n × n W = Q Z (the last step is 40 % of
-  syevd at n = 3072, see ``merging.linalg._polar_gram``).
+  syevd at n = 3072, see ``merging.linalg.decompositions._polar_gram``).
 
 ctypes releases the GIL for the call, so merge workers run them in parallel (SciPy's wrappers of
 the same routines hold it). Each call uses as many threads as torch does in the calling thread:
 one in the engine's worker pool (parallelism comes from merging one tensor per core), all cores
 when the engine merges on the main thread alone (`options.workers: 1`). Everything here is optional:
-``available()`` is False when the wheel is missing or its symbols differ, and ``merging.linalg``
-then uses torch alone.
+``available()`` is False when the wheel is missing or its symbols differ, and
+``merging.linalg.decompositions`` then uses torch alone.
 """
 from __future__ import annotations
 
@@ -50,6 +50,7 @@ def _open():
     if os.environ.get("SUBMERGE_NO_OPENBLAS"):  # escape hatch, and how the tests run the torch-only path
         return None
     try:
+        # Imported here, on first use: the wheel is optional, and not loaded at all under the escape hatch.
         import scipy_openblas32 as pkg
         lib = ctypes.CDLL(os.path.join(pkg.get_lib_dir(), pkg.get_library(fullname=True)))
         syrk, syevr, syevd = lib.scipy_cblas_dsyrk, lib.scipy_LAPACKE_dsyevr, lib.scipy_LAPACKE_dsyevd

@@ -1,11 +1,13 @@
-"""Alembic environment for the job store. Run programmatically by service.db.upgrade(url)
-(also usable as `alembic -c service/alembic.ini upgrade head` with SUBMERGE_DATABASE_URL set)."""
+"""Alembic environment for the job store. Run programmatically by workers.jobs.db.upgrade(url)
+(also usable as `alembic -c workers/jobs/alembic.ini upgrade head` with SUBMERGE_DATABASE_URL set)."""
 from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import create_engine, text
 
-from service.models import Base
+from workers.config import Settings
+from workers.jobs.db import normalize_url
+from workers.jobs.models import Base
 
 config = context.config
 target_metadata = Base.metadata
@@ -14,9 +16,7 @@ target_metadata = Base.metadata
 def _url() -> str:
     url = config.get_main_option("sqlalchemy.url")
     if not url:
-        from service.config import Settings
         url = Settings().db_url
-    from service.db import normalize_url
     return normalize_url(url)
 
 

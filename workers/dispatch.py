@@ -2,8 +2,8 @@
 
 Both run the same task function, ``workers.tasks.run_job``. ``send`` is how every caller (submit,
 the reaper) hands a job over: it stamps ``dispatched_at`` first, so the reaper's sweep
-(service/reaper.py) can tell a job whose message was lost from one whose message still waits
-(``Dispatcher.waiting``).
+(workers/reaper.py) can tell a job whose message was lost from one whose message still waits
+(``Dispatcher.waiting``). ``make_dispatcher`` picks the one the settings ask for.
 """
 from __future__ import annotations
 
@@ -13,8 +13,12 @@ import logging
 import uuid
 from dataclasses import dataclass
 
-from service.config import Settings
-from service.store import JobStore
+import redis
+
+from workers.broker import TASK_NAME, make_celery
+from workers.config import Settings
+from workers.jobs.store import JobStore
+from workers.pool import EmbeddedPool
 
 log = logging.getLogger("submerge.dispatch")
 
@@ -42,7 +46,6 @@ class Dispatcher:
 
 class EmbeddedDispatcher(Dispatcher):
     def __init__(self, settings: Settings, store: JobStore):
-        from workers.pool import EmbeddedPool
         self.pool = EmbeddedPool(settings, store)
 
     def start(self) -> None:
@@ -63,18 +66,15 @@ class EmbeddedDispatcher(Dispatcher):
 
 class CeleryDispatcher(Dispatcher):
     def __init__(self, settings: Settings):
-        from workers.celery_app import make_celery
         self.settings = settings
         self.app = make_celery(settings)
         self._redis = None
 
     def submit(self, job_id: str) -> None:
-        from workers.celery_app import TASK_NAME
         self.app.send_task(TASK_NAME, args=[job_id], queue=self.settings.queue, task_id=task_id(job_id))
 
     def _client(self):
         if self._redis is None:
-            import redis
             self._redis = redis.Redis.from_url(self.settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
         return self._redis
 

@@ -16,11 +16,10 @@ from __future__ import annotations
 import logging
 import threading
 
-from service.config import Settings
-from service.dispatch import Dispatcher, send
-from service.storage import Storage
-from service.store import JobStore, Reaped
-from service.webhooks import deliver_async
+from workers.config import Settings
+from workers.dispatch import Dispatcher, send
+from workers.jobs.store import JobStore, Reaped
+from workers.tasks import settle
 
 log = logging.getLogger("submerge.reaper")
 
@@ -29,20 +28,9 @@ log = logging.getLogger("submerge.reaper")
 DISPATCH_GRACE = 5.0
 
 
-def settle(reaped: list[Reaped], settings: Settings, store: JobStore) -> None:
-    """After lost jobs were settled: a finished one (failed, cancelled) keeps nothing in storage (the
-    lost attempt may have left files) and its webhook fires. Requeued ones are the caller's."""
-    for r in reaped:
-        if r.outcome == "requeued":
-            continue
-        try:
-            Storage(settings).clear_job(r.job_id)
-        except Exception:  # noqa: BLE001 - storage trouble must not stop the reaper
-            log.exception("job %s: cannot remove what the lost attempt left", r.job_id)
-        deliver_async(r.job_id, settings, store)
-
-
 class Reaper:
+    """The loop; ``dispatcher`` is how it sends (``workers.dispatch``: the embedded pool or Celery)."""
+
     def __init__(self, settings: Settings, store: JobStore, dispatcher: Dispatcher):
         self.settings, self.store, self.dispatcher = settings, store, dispatcher
         self._stop = threading.Event()

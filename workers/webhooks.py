@@ -17,10 +17,10 @@ import time
 import httpx
 from standardwebhooks import Webhook
 
-from service.config import Settings
-from service.policy import PolicyError, check_callback
-from service.schemas import job_out
-from service.store import JobStore
+from workers.config import Settings
+from workers.jobs.store import JobStore
+from workers.jobs.view import job_out
+from workers.policy import PolicyError, check_callback
 
 log = logging.getLogger("submerge.webhooks")
 

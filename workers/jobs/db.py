@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import threading
 
+from alembic import command
+from alembic.config import Config
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -57,9 +59,6 @@ def session_factory(url: str) -> sessionmaker[Session]:
 
 def upgrade(url: str) -> None:
     """Bring the schema to the newest alembic revision (run at API and worker startup)."""
-    from alembic import command
-    from alembic.config import Config
-
     cfg = Config()
     cfg.set_main_option("script_location", MIGRATIONS)
     engine = get_engine(url)

@@ -9,6 +9,10 @@
   ``SUBMERGE_ALLOWED_PRIVATE_NETWORKS``. The check runs at submission and again when the
   worker starts the job (and before each webhook delivery).
 
+``admit_spec`` is the one place a job's spec is validated (as ``MergeSpec``) and checked against
+this policy on its way in: the API calls it when the job is submitted (and for a dry run), the
+worker calls it again before it runs the job (the policy or the files may have changed since).
+
 While a job runs, ``InputPolicy`` (the library's ``merging.io.guard.InputGuard``) applies the same
 rules at the last moment: to each local file as it is opened (symlinks resolved), to every http(s)
 redirect hop before it is followed, and to every address a host resolves to when the connection
@@ -22,10 +26,14 @@ import os
 import socket
 import urllib.parse
 
+from typing import Any
+
 from merging.errors import AccessDeniedError
 from merging.io.guard import IPAddress
 from merging.io.sources import IOConfig
-from service.config import Settings
+from merging.spec import MergeSpec
+from workers.config import Settings
+from workers.storage import Storage
 
 
 class PolicyError(Exception):
@@ -155,7 +163,7 @@ def check_callback(url: str, settings: Settings, field: str = "callback_url") ->
     check_http(url, field, settings)
 
 
-def check_spec(spec, settings: Settings) -> None:
+def check_spec(spec: MergeSpec, settings: Settings) -> None:
     """Every input URI of a MergeSpec (and its callback_url)."""
     check_uri(spec.base.uri, "base.uri", settings)
     for i, e in enumerate(spec.experts):
@@ -174,6 +182,14 @@ def check_spec(spec, settings: Settings) -> None:
                               "(SUBMERGE_ALLOW_CUSTOM_ADAPTERS)")
     if spec.callback_url:
         check_callback(spec.callback_url, settings)
+
+
+def admit_spec(data: dict[str, Any] | MergeSpec, settings: Settings) -> MergeSpec:
+    """A job's spec on its way in: validated as a ``MergeSpec`` (pydantic's ``ValidationError``
+    names every problem) and every URI it names checked against the policy (``PolicyError``)."""
+    spec = data if isinstance(data, MergeSpec) else MergeSpec.model_validate(data)
+    check_spec(spec, settings)
+    return spec
 
 
 class InputPolicy:
@@ -211,10 +227,9 @@ class InputPolicy:
             raise AccessDeniedError(f"connection refused by policy: {e.message.split(': ', 1)[1]}") from None
 
 
-def job_io_config(settings: Settings) -> IOConfig:
-    """How a job reads its inputs: the service's storage options, guarded by ``InputPolicy``."""
-    root = settings.storage_root
-    local_storage = root[len("file://"):] if root.startswith("file://") else (None if "://" in root else root)
+def job_io_config(settings: Settings, storage: Storage | None = None) -> IOConfig:
+    """How a job reads its inputs: the service's storage options, guarded by ``InputPolicy`` (which
+    also admits the job storage's own directory when it is local)."""
     io = settings.io_config()
-    io.guard = InputPolicy(settings, local_storage)
+    io.guard = InputPolicy(settings, (storage or Storage(settings)).local_root)
     return io

@@ -1,4 +1,5 @@
-"""Shared linear algebra for the SVD merging methods.
+"""The factorisations the SVD merging methods share: SVD, top-k singular triplets, eigenpairs,
+polar factors (and the finiteness check the engine applies to every result).
 
 No randomised approximations. Two precision regimes, chosen by the dtype of the input:
 
@@ -19,7 +20,7 @@ The symmetric eigensolvers (syevd, syevr) also do not suffer from gesdd's conver
 on clustered singular values (the FusionBench Iso-CTS crash), and ``svd`` falls back to them
 when gesdd fails; an eigensolver failure in turn falls back to the SVD.
 
-Some routines come from ``merging.lapack`` (OpenBLAS through ctypes) when its library is
+Some routines come from ``merging.linalg.lapack`` (OpenBLAS through ctypes) when its library is
 installed; the results are the same to rounding without it. Two that torch does not expose: syrk
 for Gram matrices (``gram``: one triangle of xᵀx, half the flops of a matmul) and syevr (MRRR) for
 the top-k eigenpairs (``top_eigh``: only the k eigenvectors asked for, 2–4× faster than syevd at
@@ -35,7 +36,7 @@ import math
 
 import torch
 
-from merging import lapack
+from merging.linalg import lapack
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -114,7 +115,7 @@ def top_eigh(a: torch.Tensor, k: int, upper: bool = False) -> tuple[torch.Tensor
 
 def eigh(a: torch.Tensor, upper: bool = False, overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Every eigenpair of the symmetric ``a`` (batched over leading dims), ascending, exactly as
-    ``torch.linalg.eigh`` returns them; OpenBLAS syevd when ``merging.lapack`` applies. With
+    ``torch.linalg.eigh`` returns them; OpenBLAS syevd when ``merging.linalg.lapack`` applies. With
     ``overwrite`` the eigenvectors may take ``a``'s memory (a 3072² Gram is 75 MB)."""
     if not lapack.available(a):
         return torch.linalg.eigh(a, UPLO="U" if upper else "L")

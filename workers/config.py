@@ -1,4 +1,5 @@
-"""Service settings (pydantic-settings). Every variable is ``SUBMERGE_``-prefixed; docs/SERVICE.md lists them.
+"""Settings of the job system and the API (pydantic-settings). Every variable is ``SUBMERGE_``-prefixed;
+the README's "Service settings" table lists them.
 
 Embedded mode is the default: with no ``SUBMERGE_REDIS_URL`` jobs run in an in-process worker
 pool, the job store is SQLite under the data directory and artifacts go to a local directory.
@@ -9,8 +10,11 @@ import os
 from functools import lru_cache
 from typing import Annotated, Literal
 
+import torch
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from merging.io.sources import IOConfig
 
 CSV = Annotated[list[str], NoDecode]
 
@@ -124,7 +128,6 @@ class Settings(BaseSettings):
         if self.worker_concurrency:
             return self.worker_concurrency
         try:
-            import torch
             return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
         except Exception:  # noqa: BLE001
             return 1
@@ -137,8 +140,7 @@ class Settings(BaseSettings):
             s3["client_kwargs"] = {"region_name": self.s3_region}
         return {"s3": s3}
 
-    def io_config(self):
-        from merging.io.sources import IOConfig
+    def io_config(self) -> IOConfig:
         return IOConfig(storage_options=self.storage_options(), cache_dir=self.cache_path)
 
 

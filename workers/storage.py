@@ -1,9 +1,16 @@
 """Artifact storage through fsspec: a local directory (embedded default) or s3://bucket/prefix.
 
+The one abstraction of a job's folder on the service side: the API (reads, downloads, presigned
+URLs, readiness), the task (clears leftovers, lists artifacts, writes the reports), the reaper
+(clears what a lost attempt left) and the input policy (a job may read its own storage) all go
+through ``Storage``. Inside the folder, ``model/`` is written by merging's ``Publisher`` (the
+merge's output URI is ``Storage.model_uri``), which stages and publishes it atomically.
+
 Layout per job::
 
     {root}/{job_id}/model/...        the merged model (published atomically by merging's Publisher)
     {root}/{job_id}/report.json      the job report
+    {root}/{job_id}/report.html      the report page (when there are diagnostics or evaluation)
 """
 from __future__ import annotations
 
@@ -14,7 +21,8 @@ import shutil
 
 import fsspec
 
-from service.config import Settings
+from merging.io.sources import storage_options_for
+from workers.config import Settings
 
 
 class Storage:
@@ -33,7 +41,6 @@ class Storage:
             self.base = self.root.split("://", 1)[1].strip("/")
             if not self.base:
                 raise ValueError("SUBMERGE_STORAGE_URI: s3:// needs a bucket")
-            from merging.io.sources import storage_options_for
             self.fs = fsspec.filesystem("s3", **storage_options_for("s3", settings.io_config()))
         else:
             raise ValueError(f"SUBMERGE_STORAGE_URI: unsupported scheme {scheme!r} (use a path, file:// or s3://)")
@@ -41,6 +48,11 @@ class Storage:
     @property
     def local(self) -> bool:
         return self.scheme == "file"
+
+    @property
+    def local_root(self) -> str | None:
+        """The directory holding the job folders on local storage; None on S3."""
+        return self.base if self.local else None
 
     def _path(self, job_id: str, rel: str = "") -> str:
         parts = [self.base, job_id] + ([rel] if rel else [])
@@ -106,7 +118,6 @@ class Storage:
         fs = self.fs
         public = self.settings.s3_public_endpoint_url
         if public:  # sign for the host clients use (signing is local: no request goes there)
-            from merging.io.sources import storage_options_for
             opts = storage_options_for("s3", self.settings.io_config())
             opts["endpoint_url"] = public
             fs = fsspec.filesystem("s3", **opts)

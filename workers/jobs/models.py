@@ -1,4 +1,4 @@
-"""The job store's tables (SQLAlchemy 2.x). Migrations: service/migrations (alembic), run at startup."""
+"""The job store's tables (SQLAlchemy 2.x). Migrations: workers/jobs/migrations (alembic), run at startup."""
 from __future__ import annotations
 
 import datetime as dt

@@ -10,7 +10,7 @@ the model, is shown when present:
   ``{task: {column: value, ...}}`` or ``[{"task": name, column: value, ...}, ...]``;
 * ``report["evaluation"]["average"]``: a row of column means, shown under the table;
 * ``report["evaluation"]["alpha_search"]``: ``{"chosen_alpha", "curve": [{"alpha", "avg_accuracy",
-  "avg_normalized"}, ...]}`` as ``evaluation.pipeline`` writes it (or the older
+  "avg_normalized"}, ...]}`` as ``workers.pipeline`` writes it (or the older
   ``report["evaluation"]["alpha_curve"]``: ``[{"alpha": a, "score": s}, ...]``);
 * ``report["evaluation"]["lambda_search"]``: consensus's per-expert TALL-mask λ, ``{"grid",
   "chosen_lambda": {expert: λ}, "validation_accuracy": {expert: [{"lambda", "accuracy"}, ...]}}``.
@@ -90,7 +90,7 @@ def _short(key: str, n: int = 42) -> str:
 
 
 def _figure(width: float, height: float, layout: str | None = "constrained"):
-    try:
+    try:  # lazy: matplotlib takes half a second to import, and only a report page needs it
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as e:  # pragma: no cover - depends on the environment
@@ -210,7 +210,7 @@ def _spectra(report: dict) -> str:
         return ""
     cols = 4 if len(layers) > 4 else len(layers)
     rows = math.ceil(len(layers) / cols)
-    from matplotlib.ticker import LogLocator, NullLocator
+    from matplotlib.ticker import LogLocator, NullLocator  # lazy, as in _figure
 
     fig = _figure(3.0 * cols, 2.3 * rows, layout=None)  # constrained layout of many log axes is slow
     fig.subplots_adjust(left=0.06, right=0.99, bottom=0.5 / (2.3 * rows), top=1 - 0.35 / (2.3 * rows), wspace=0.28, hspace=0.45)

@@ -23,9 +23,9 @@ from typing import Any
 from sqlalchemy import and_, case, func, or_, select, text, true, update
 from sqlalchemy.exc import IntegrityError
 
-from service.db import session_factory
-from service.models import FINISHED, Job, JobEvent, utcnow
-from service.redact import redact_obj, redact_text
+from workers.jobs.db import session_factory
+from workers.jobs.models import FINISHED, Job, JobEvent, utcnow
+from workers.redact import redact_obj, redact_text
 
 DURATION_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 12 * 3600)
 HELD = ("running", "cancelling")  # statuses in which a worker holds the job
