@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch first, pinned to the CPU build that lies on this kind of machine, so no multi-GB CUDA build is pulled.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install run test bench bench-quality openapi clean
+.PHONY: install run demo test bench bench-quality openapi clean
 
 install: $(VENV)/.installed
 
@@ -21,6 +21,10 @@ run: install
 	@echo "       curl -s -X POST http://127.0.0.1:8000/v1/merges -H 'content-type: application/json' \\"
 	@echo "         -d '{\"method\": \"tsv_m\", \"base\": {\"uri\": \"./base\"}, \"experts\": [{\"uri\": \"./a\"}, {\"uri\": \"./b\"}]}'"
 	$(VENV)/bin/submerge serve --host 127.0.0.1 --port 8000
+
+# Four tiny experts built offline, one evaluated merge on the service `make run` serves; prints the URLs.
+demo: install
+	$(PY) -m scripts.demo
 
 # The import contract first (pyproject.toml [tool.importlinter]: service -> workers -> evaluation -> merging), then every test.
 test: install
