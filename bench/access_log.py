@@ -23,9 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 
-from api_latency import RawConnection, free_port, machine, server_cpu  # bench/ is sys.path[0] when run as a script
+from api_latency import RawConnection, free_port, machine, server_cpu, wait_serving  # bench/ is sys.path[0] when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,16 +60,8 @@ def run_once(setting: str, args, tmp: Path) -> dict:
         server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                                    "--log-level", "info"], cwd=tmp, env=env, stdout=stderr, stderr=stderr)
         try:
-            deadline = time.time() + 60
-            while True:
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.time() > deadline or server.poll() is not None:
-                    raise SystemExit(f"the API did not start ({setting}): {log.read_text()[-2000:]}")
-                time.sleep(0.1)
+            wait_serving(f"http://127.0.0.1:{port}", server,
+                         failure=lambda: f"the API did not start ({setting}): {log.read_text()[-2000:]}")
             asyncio.run(load(port, args.path, args.connections, 1.0))  # warm-up
             cpu0 = server_cpu(server.pid)
             ok, other, wall = asyncio.run(load(port, args.path, args.connections, args.duration))

@@ -51,6 +51,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_serving(url: str, server: subprocess.Popen, failure=lambda: "the API did not start") -> None:
+    """Poll ``url``/healthz until it answers 200; SystemExit with ``failure()`` when the server exits or
+    60 s pass."""
+    deadline = time.time() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline or server.poll() is not None:
+            raise SystemExit(failure())
+        time.sleep(0.1)
+
+
 def pct(xs: list[float], q: float) -> float:
     if not xs:
         return float("nan")
@@ -217,16 +232,7 @@ def main() -> int:
                                    "--log-level", "warning"], cwd=root, env=env)
         url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.time() + 60
-            while True:
-                try:
-                    if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.time() > deadline or server.poll() is not None:
-                    raise SystemExit("the API did not start")
-                time.sleep(0.1)
+            wait_serving(url, server)
             body = {"method": args.method, "params": {"alpha": 0.5}, "base": {"uri": base},
                     "experts": [{"uri": e} for e in experts],
                     "options": {"device": "cpu", **({"workers": args.merge_workers} if args.merge_workers else {})}}

@@ -115,6 +115,27 @@ def start_api_server(settings: Settings) -> ApiServer:
     return ApiServer(f"http://{LOOPBACK}:{port}", settings, app, server, thread)
 
 
+def free_loopback_port() -> int:
+    """A port nothing listens on now (for a `submerge serve` subprocess to bind)."""
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def wait_serving(proc: subprocess.Popen, url: str, timeout: float = 60.0, failure=lambda: "submerge serve did not start",
+                 poll: float = 0.2) -> None:
+    """Poll ``url``/healthz until it answers 200; fail with ``failure()`` when ``proc`` exits or time runs out."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None and time.monotonic() < end, failure()
+        time.sleep(poll)
+
+
 @pytest.fixture
 def api():
     """``api(settings) -> ApiServer``: the app under uvicorn on a free loopback port, stopped at teardown."""
@@ -307,5 +328,5 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-__all__ = ["api", "celery_worker", "pg_database_url", "redis_queue", "webhook_receiver", "service_settings", "settings_env",
+__all__ = ["api", "free_loopback_port", "wait_serving", "celery_worker", "pg_database_url", "redis_queue", "webhook_receiver", "service_settings", "settings_env",
            "job_spec", "write_family", "sha256_bytes", "TOKENS", "API_KEYS", "MANY_SHAPES", "REDIS_URL"]

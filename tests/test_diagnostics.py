@@ -12,6 +12,7 @@ import torch
 from merging.diagnostics import DiagnosticsCollector, metrics as M
 from merging.diagnostics.collector import select_layers, svd_sample_size
 from merging.linalg import polar
+from merging.linalg.spectral import polar_gram, singular_values
 from merging.methods.base import TensorJob
 from merging.methods.tsv_m import tsv_merge_matrix
 from merging.roles import Role, RoleInfo, infer_role
@@ -81,7 +82,7 @@ def test_zero_task_vector_gives_zero_cosine_not_nan():
 def test_stable_and_effective_rank_of_flat_rank_r_matrix(exact, dtype):
     r = 5
     a = 2.5 * orthonormal(20, r, 1) @ orthonormal(12, r, 2).mT
-    s = M.singular_values(a.to(dtype), exact=exact)
+    s = singular_values(a.to(dtype), exact=exact)
     assert M.stable_rank(s) == pytest.approx(r, rel=1e-5)
     assert M.effective_rank(s) == pytest.approx(r, rel=1e-3)  # float32 Gram: zero σ come out ~1e-4
     summ = M.spectrum_summary(s, n_top=3)
@@ -99,7 +100,7 @@ def test_effective_rank_is_exp_entropy_of_normalised_singular_values():
 
 def test_energy_kept_matches_hand_computation():
     taus, _, _ = orthogonal_tasks([[3.0, 2.0, 1.0]], m=6, n=5)
-    s = M.singular_values(taus[0])
+    s = singular_values(taus[0])
     assert s[:3].tolist() == pytest.approx([3, 2, 1], rel=1e-9)
     assert M.energy_kept(s, 2) == pytest.approx(13 / 14)
     assert M.energy_kept(s, 1) == pytest.approx(9 / 14)
@@ -241,7 +242,7 @@ def test_sti_after_orthogonalisation_is_zero_and_sum_keeps_it():
     # polar_gram is the Gram matrix of linalg.polar's factor.
     u_cat, _, _ = M.task_factors(taus, k)
     p = polar(u_cat)
-    assert torch.allclose(M.polar_gram(u_cat.mT @ u_cat), p.mT @ p, atol=1e-10)
+    assert torch.allclose(polar_gram(u_cat.mT @ u_cat), p.mT @ p, atol=1e-10)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -252,12 +253,12 @@ def test_rank_collapse_indicator():
     # Identical rank-2 tasks: the sum has one task's effective rank (ratio 1).
     taus, _, _ = orthogonal_tasks([[1.0, 1.0]], m=10, n=10)
     same = taus.expand(3, -1, -1)
-    res = M.rank_collapse(M.singular_values(same.sum(0), exact=True), [M.singular_values(t, exact=True) for t in same])
+    res = M.rank_collapse(singular_values(same.sum(0), exact=True), [singular_values(t, exact=True) for t in same])
     assert res["erank_ratio"] == pytest.approx(1.0, rel=1e-6)
     assert res["merged_fraction_below_1pct"] == pytest.approx(0.8)
     # Three orthogonal rank-2 tasks with equal σ: the sum has three times the effective rank.
     taus, _, _ = orthogonal_tasks([[1.0, 1.0]] * 3, m=10, n=10)
-    res = M.rank_collapse(M.singular_values(taus.sum(0), exact=True), [M.singular_values(t, exact=True) for t in taus])
+    res = M.rank_collapse(singular_values(taus.sum(0), exact=True), [singular_values(t, exact=True) for t in taus])
     assert res["erank_ratio"] == pytest.approx(3.0, rel=1e-6)
 
 

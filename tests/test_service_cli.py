@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 import httpx
 
 from workers.config import Settings
-from tests.service_fixtures import job_spec, sha256_bytes, write_family
+from tests.service_fixtures import free_loopback_port, job_spec, sha256_bytes, wait_serving, write_family
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,22 +25,12 @@ def _env() -> dict:
 
 
 def test_submerge_serve_embedded_defaults(checkpoints, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_loopback_port()
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                              "--log-level", "warning"], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
-        end = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < end, proc.stdout.read().decode() if proc.poll() is not None else "timeout"
-            time.sleep(0.2)
+        wait_serving(proc, url, failure=lambda: proc.stdout.read().decode() if proc.poll() is not None else "timeout")
         base, experts = write_family(checkpoints)  # under tmp_path = the working directory
         with httpx.Client(base_url=url, timeout=30) as c:
             job = c.post("/v1/merges", json=job_spec(base, experts)).json()

@@ -7,15 +7,14 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 from uvicorn.logging import AccessFormatter
 
+from tests.service_fixtures import free_loopback_port, wait_serving
 from workers.redact import install_log_redaction, redact_query
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,9 +63,7 @@ def test_redact_query():
 
 
 def _serve(tmp_path: Path, stderr, **env_extra) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_loopback_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SUBMERGE_")}
     env.update(SUBMERGE_DATA_DIR=str(tmp_path / "data"), PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
                **env_extra)
@@ -79,15 +76,8 @@ def _serve(tmp_path: Path, stderr, **env_extra) -> tuple[subprocess.Popen, str]:
 
 def _wait_ready(proc, url) -> int:
     """Poll /healthz until it answers; returns how many polls got an answer (each one is logged)."""
-    end = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return 1
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None and time.monotonic() < end, "submerge serve did not start"
-        time.sleep(0.2)
+    wait_serving(proc, url)
+    return 1
 
 
 def _stop(proc) -> None:

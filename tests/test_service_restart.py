@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,8 @@ from pathlib import Path
 import httpx
 
 from workers.jobs.store import JobStore
-from tests.service_fixtures import MANY_SHAPES, job_spec, service_settings, settings_env, write_family
+from tests.service_fixtures import (MANY_SHAPES, free_loopback_port, job_spec, service_settings, settings_env, wait_serving,
+                                    write_family)
 from workers.ownership import EmbeddedOwnership
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,23 +33,14 @@ class Serve:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Serve":
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_loopback_port()
         self.url = f"http://127.0.0.1:{port}"
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port",
                                           str(port), "--log-level", "warning"], cwd=self.cwd, env=self.env,
                                          stdout=log, stderr=subprocess.STDOUT)
-        end = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            assert self.proc.poll() is None and time.monotonic() < end, self.output()
-            time.sleep(0.1)
+        wait_serving(self.proc, self.url, timeout=90, failure=self.output, poll=0.1)
+        return self
 
     def get(self, path: str) -> dict:
         r = httpx.get(self.url + path, timeout=30)  # no kept-alive connection to hold up a shutdown

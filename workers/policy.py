@@ -30,7 +30,7 @@ from typing import Any
 
 from merging.errors import AccessDeniedError
 from merging.io.guard import IPAddress
-from merging.io.sources import IOConfig
+from merging.io.sources import IOConfig, split_scheme
 from merging.spec import MergeSpec
 from workers.config import Settings
 from workers.storage import Storage
@@ -39,28 +39,30 @@ from workers.storage import Storage
 class PolicyError(Exception):
     code = "uri_not_allowed"
 
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
         self.field = field
-        self.message = f"{field}: {message}"
+        self.reason = reason  # without the field: InputPolicy words it for the file or hop at fault
+        self.message = f"{field}: {reason}"
 
 
-def _split(uri: str) -> tuple[str, str]:
-    if "://" in uri:
-        scheme, rest = uri.split("://", 1)
-        return scheme.lower(), rest
-    return "", uri
+def _inside(path: str, roots: list[str]) -> bool:
+    """Whether a resolved path lies under one of the (resolved) roots."""
+    for root in roots:
+        try:
+            if os.path.commonpath([path, root]) == root:
+                return True
+        except ValueError:
+            continue
+    return False
 
 
-def _under(path: str, root: str) -> bool:
-    try:
-        return os.path.commonpath([path, root]) == root
-    except ValueError:
-        return False
+def _outside_roots(roots: list[str]) -> str:
+    return f"outside the allowed file roots ({', '.join(roots)}; see SUBMERGE_FILE_ROOTS)"
 
 
 def check_file(uri: str, field: str, settings: Settings) -> None:
-    scheme, rest = _split(uri)
+    scheme, rest = split_scheme(uri)
     if scheme == "file":
         host, _, path = rest.partition("/")
         if host not in ("", "localhost"):
@@ -70,14 +72,13 @@ def check_file(uri: str, field: str, settings: Settings) -> None:
         path = rest
     real = os.path.realpath(os.path.expanduser(path))
     roots = settings.roots
-    if not any(_under(real, r) for r in roots):
-        raise PolicyError(field, f"{uri} is outside the allowed file roots ({', '.join(roots)}; see SUBMERGE_FILE_ROOTS)")
+    if not _inside(real, roots):
+        raise PolicyError(field, f"{uri} is {_outside_roots(roots)}")
     if os.path.isdir(real):  # refuse at once what the worker would refuse when it opens the file
         for name in sorted(os.listdir(real)):
             target = os.path.realpath(os.path.join(real, name))
-            if not any(_under(target, r) for r in roots):
-                raise PolicyError(field, f"{uri}: {name} links to {target}, outside the allowed file roots "
-                                         f"({', '.join(roots)}; see SUBMERGE_FILE_ROOTS)")
+            if not _inside(target, roots):
+                raise PolicyError(field, f"{uri}: {name} links to {target}, {_outside_roots(roots)}")
 
 
 def _host_allowed(host: str, patterns: list[str]) -> bool:
@@ -142,7 +143,7 @@ def check_http(uri: str, field: str, settings: Settings) -> None:
 
 
 def check_uri(uri: str, field: str, settings: Settings) -> None:
-    scheme, rest = _split(uri)
+    scheme, rest = split_scheme(uri)
     effective = scheme or "file"
     if effective not in [s.lower() for s in settings.allowed_schemes]:
         raise PolicyError(field, f"URI scheme {effective!r} is not allowed (allowed: {', '.join(settings.allowed_schemes)})")
@@ -157,7 +158,7 @@ def check_uri(uri: str, field: str, settings: Settings) -> None:
 
 
 def check_callback(url: str, settings: Settings, field: str = "callback_url") -> None:
-    scheme = _split(url)[0]
+    scheme = split_scheme(url)[0]
     if scheme not in ("http", "https"):
         raise PolicyError(field, "callback_url must be http(s)")
     check_http(url, field, settings)
@@ -206,25 +207,24 @@ class InputPolicy:
         self.roots = settings.roots + [os.path.realpath(p) for p in own]
 
     def check_file(self, real_path: str, uri: str) -> None:
-        if not any(_under(real_path, r) for r in self.roots):
+        if not _inside(real_path, self.roots):
             shown = uri if real_path == os.path.abspath(uri) else f"{uri} (resolves to {real_path})"
-            raise AccessDeniedError(f"{shown} is outside the allowed file roots ({', '.join(self.settings.roots)}; "
-                                    "see SUBMERGE_FILE_ROOTS)")
+            raise AccessDeniedError(f"{shown} is {_outside_roots(self.settings.roots)}")
 
     def check_url(self, url: str) -> None:
-        scheme = _split(url)[0]
+        scheme = split_scheme(url)[0]
         if scheme not in ("http", "https") or scheme not in [s.lower() for s in self.settings.allowed_schemes]:
             raise AccessDeniedError(f"request to {url}: scheme {scheme!r} is not allowed")
         try:
             _check_url(url, "url", self.settings)
         except PolicyError as e:
-            raise AccessDeniedError(f"request to {url} refused: {e.message.split(': ', 1)[1]}") from None
+            raise AccessDeniedError(f"request to {url} refused: {e.reason}") from None
 
     def check_address(self, host: str, address: IPAddress) -> None:
         try:
             _check_address(host, address, "url", self.settings)
         except PolicyError as e:
-            raise AccessDeniedError(f"connection refused by policy: {e.message.split(': ', 1)[1]}") from None
+            raise AccessDeniedError(f"connection refused by policy: {e.reason}") from None
 
 
 def job_io_config(settings: Settings, storage: Storage | None = None) -> IOConfig:

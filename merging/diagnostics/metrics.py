@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from merging.linalg import polar
-from merging.linalg.spectral import SmallSideEig, polar_gram, singular_values, small_side_eig, top_factors  # noqa: F401
+from merging.linalg.spectral import SmallSideEig, polar_gram, small_side_eig, top_factors
 from merging.methods import get_method
 from merging.methods.base import MergeMethod, MethodParams, SarBasis, Truncation
 from merging.roles import NON_MATRIX_2D_ROLES, Role, RoleInfo

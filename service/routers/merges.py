@@ -43,7 +43,6 @@ SPEC_BODY = {"requestBody": {"required": True, "content": {"application/json": {
                  "413": {"description": "Request body larger than SUBMERGE_MAX_REQUEST_BYTES", "content": _ERROR_JSON},
                  "415": {"description": "Content-Type is not application/json", "content": _ERROR_JSON}}}
 ERRORS = {401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 422: {"model": ErrorBody}}
-PLACEHOLDER_OUTPUT = "service://job-storage"
 # application/json, or a structured-syntax JSON type (application/merge-spec+json); parameters such as
 # charset are allowed. Anything else is refused: a web page can POST text/plain (or no content type)
 # cross-origin without a CORS preflight, and on loopback authentication is off.

@@ -224,8 +224,8 @@ class JobStore:
         waiting for their leases to run out."""
         now = utcnow()
         with self.Session() as s:
-            held = [j for j in s.scalars(select(Job).where(Job.status.in_(HELD), Job.worker.is_not(None)))
-                    if j.worker.endswith(f"/{owner}")]
+            held = list(s.scalars(select(Job).where(Job.status.in_(HELD),
+                                                    Job.worker.endswith(f"/{owner}", autoescape=True))))
         return [r for job in held if (r := self._lose(job, now, true(), "died with its server")) is not None]
 
     def _lose(self, job: Job, now: dt.datetime, still, how: str) -> Reaped | None:
