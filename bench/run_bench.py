@@ -14,7 +14,7 @@ then all again) and the table shows medians. With --warm-inputs, every input fil
 read once just before it starts (outside the timed window, for both implementations): this VM
 keeps little in its page cache (FusionBench's 4.5 GB runs push our inputs out), and reading the
 3.1 GB of the 12-block inputs from its virtual disk adds ~3 s to the run that comes next (not
-the whole of the slowdown after a FusionBench run: bench/RESULTS.md, session 7).
+the whole of the slowdown after a FusionBench run: bench/RESULTS.md, 2026-11-23 at fe5f6ef).
 
 Configurations (data from ``bench/make_synthetic.py``, generated when missing):
   b12_T8  12 blocks x 8 experts (main; every method, FusionBench TSV-M / Iso-C / Iso-CTS)

@@ -14,7 +14,7 @@ Smaller arrays stay on the heap, where freed memory is reused without a page fau
 4.7 MB) were fresh mappings each time: every page faulted in and zeroed, every free an unmap
 that interrupts the other worker thread of the process (a TLB shootdown): 39–48 s of system
 time in a 148–171 s merge, against 27–35 s at 8 MB, and 3–10 % less wall time in three of four
-alternating pairs (bench/RESULTS.md, session 10). Mapping costs the short-job methods (TSV-M,
+alternating pairs (bench/RESULTS.md, 2026-11-23 at a7e9f97 and 35d702e). Mapping costs the short-job methods (TSV-M,
 Iso-C) 5–10 % of their time in page faults for memory they do not need, so only methods that
 ask for it get it (``MergeMethod.unmap_freed_arrays``).
 

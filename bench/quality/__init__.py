@@ -1,4 +1,4 @@
-"""Merge-quality benchmark (issue 5): 8 MiniLM experts fine-tuned on real text tasks, every merge
+"""Merge-quality benchmark: 8 MiniLM experts fine-tuned on real text tasks, every merge
 method run through the job API, and the papers' table written to bench/QUALITY.md.
 
 ``python -m bench.quality.run`` (``make bench-quality``) runs it end to end:

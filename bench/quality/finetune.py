@@ -1,4 +1,4 @@
-"""Fine-tune one expert per task with the CLIP-style task-arithmetic recipe (issue 5).
+"""Fine-tune one expert per task with the CLIP-style task-arithmetic recipe.
 
 * The head of a task is the frozen, L2-normalised embedding of each class prompt
   (``prompt.format(label=class_name)``), computed once with the *pretrained* model; it is never trained.

@@ -226,7 +226,7 @@ def wall_table(res: Results) -> str:
 
 
 def ordering_checks(res: Results, mode: str = "auto") -> list[tuple[str, bool | None, str]]:
-    """The papers' expectations (issue 5), evaluated on the largest T: (claim, holds, numbers)."""
+    """The papers' expectations, evaluated on the largest T: (claim, holds, numbers)."""
     if not res.Ts:
         return []
     T = max(res.Ts)

@@ -1,4 +1,4 @@
-"""Data-free merge diagnostics (issue 4): task-vector geometry, spectra, truncation energy,
+"""Data-free merge diagnostics: task-vector geometry, spectra, truncation energy,
 SAR, STI, rank collapse and an HO-GSVD task-similarity analysis.
 
 Pure library (torch only). ``metrics`` holds the formulas as functions on tensors;
