@@ -27,10 +27,12 @@ MANIFEST_FORMAT = "submerge.merge/1"
 def coverage_row(item: PlanItem, action: str, **extra) -> dict:
     """One tensor of the coverage list: ``action`` is ``merged`` or ``copied``; ``extra`` (the
     coefficient, the rescale group) is recorded when not None."""
-    row = {"key": item.key, "shape": list(item.shape), "dtype": str(item.out_dtype).removeprefix("torch."),
+    row = {"key": item.key, "shape": list(item.out_shape), "dtype": str(item.out_dtype).removeprefix("torch."),
            "role": item.role.role.value, "transposed": item.role.transposed, "role_source": item.role.source, "action": action}
     if item.reason:
         row["reason"] = item.reason
+    if item.note:
+        row["note"] = item.note
     row.update({k: v for k, v in extra.items() if v is not None})
     return row
 
@@ -122,8 +124,8 @@ def stage_card(directory: str, spec: MergeSpec, prepared: PreparedMerge, shards:
         write_file(directory, "diagnostics.json", json.dumps(diagnostics, indent=1))
         names.append("diagnostics.json")
         diagnostics["cost_s"] = cost
-    for name, loc in prepared.base.side_files.items():
-        write_file(directory, name, loc.read_all())
+    for name, loc in prepared.base.side_files.items():  # the base's, or as options.vocab 'union' updated them
+        write_file(directory, name, prepared.side_files.get(name) or loc.read_all())
         names.append(name)
     files = {n: file_entry(directory, n, shards.get(n)) for n in names}
     method = prepared.method

@@ -28,6 +28,7 @@ from merging import __version__, engine
 from merging.errors import MergeError, SpecError
 from merging.io.writer import Publisher
 from merging.methods import describe_methods
+from merging.memory import format_bytes
 from merging.plan import preflight
 from merging.progress import ProgressEvent
 from merging.spec import load_spec, load_spec_file
@@ -103,15 +104,6 @@ def _maybe_traceback() -> None:
 
 # ----------------------------------------------------------------------------------------
 # formatting helpers
-
-
-def format_bytes(n: int | float) -> str:
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 def format_duration(seconds: float | None) -> str:
@@ -358,13 +350,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
 # validate
 
 
-def plan_summary(spec, plan, base, experts) -> dict[str, Any]:
+def plan_summary(spec, plan, base, experts, memory=None) -> dict[str, Any]:
     merged = [p for p in plan if p.action == "merge"]
     copied = [p for p in plan if p.action == "copy"]
     out_bytes = 0
     for p in plan:
         n = 1
-        for d in p.shape:
+        for d in p.out_shape:
             n *= int(d)
         out_bytes += n * p.out_dtype.itemsize
     return {
@@ -379,6 +371,7 @@ def plan_summary(spec, plan, base, experts) -> dict[str, Any]:
         "roles_merged": dict(Counter(p.role.role.value for p in merged).most_common()),
         "copied": [{"key": p.key, "reason": p.reason} for p in copied],
         "output_bytes": out_bytes,
+        "memory": memory.report(plan) if memory is not None else None,
         "warnings": [],
     }
 
@@ -393,6 +386,10 @@ def format_plan_summary(s: dict[str, Any]) -> str:
         f"  plan      {t['total']} tensors: {t['merged']} merged, {t['copied']} copied",
         "  roles     " + (", ".join(f"{r} {n}" for r, n in s["roles"].items()) or "-"),
     ]
+    if s.get("memory"):
+        m = s["memory"]
+        lines.append(f"  memory    ~{format_bytes(m['estimated_peak_bytes'])} peak (budget {format_bytes(m['budget_bytes'])}, "
+                     f"{m['workers']} worker(s); {len(m['row_blocked'])} tensor(s) in row blocks)")
     for c in s["copied"][:10]:
         lines.append(f"  copy      {c['key']} ({c['reason']})")
     if len(s["copied"]) > 10:
@@ -405,7 +402,7 @@ def format_plan_summary(s: dict[str, Any]) -> str:
 def cmd_validate(args: argparse.Namespace) -> int:
     spec = apply_overrides(load_spec_file(args.spec), output=args.output, overwrite=args.overwrite)
     pf = preflight(spec)  # the same checks merge() makes before reading a tensor
-    summary = plan_summary(pf.spec, pf.plan, pf.base, pf.experts)
+    summary = plan_summary(pf.spec, pf.plan, pf.base, pf.experts, pf.memory)
     if pf.output_problem:
         summary["warnings"].append(f"{pf.output_problem}: merge will fail unless run with --overwrite")
     if args.json:

@@ -19,12 +19,13 @@ from merging.errors import MergeError, OutputError, SpecError
 from merging.io.sources import IOConfig
 from merging.io.writer import Publisher, ShardedWriter
 from merging.linalg import all_finite
-from merging.methods.base import MergeMethod, TensorJob
+from merging.methods.base import MergeMethod, RowBlock, TensorJob
 from merging.plan import PlanItem, PreparedMerge, prepare
 from merging.progress import ProgressCallback, ProgressEmitter
 from merging.roles import NON_MATRIX_2D_ROLES
 from merging.spec import MergeSpec, load_spec
-from merging.stream import MergePool, Spill, TaskVector, TaskVectorLoader, default_worker_count, job_bytes, merged_weight
+from merging.memory import copy_blocks
+from merging.stream import MergePool, Spill, TaskVector, TaskVectorLoader, merged_weight
 
 
 @dataclass
@@ -39,13 +40,14 @@ class MergeResult:
 def merge(spec: MergeSpec | dict, progress: ProgressCallback | None = None, *,
           io: IOConfig | None = None, should_cancel: Callable[[], bool] | None = None,
           calibration_files: dict[str, str] | None = None,
-          choose_alpha: Callable[[TaskVector], float] | None = None) -> MergeResult:
+          choose_alpha: Callable[[TaskVector], float] | None = None, memory_budget: int | None = None) -> MergeResult:
     """Run a merge job end to end. Raises a ``MergeError`` (with ``code``) on any bad input.
 
     ``calibration_files`` maps an expert name to a statistics file that replaces its
     ``calibration`` entry (how captured statistics reach the engine). ``choose_alpha`` is called
     once every key is merged, with the merged task vector before α (``TaskVector``); the α it
     returns is the one written. It is required when ``params.alpha`` is ``"auto"``.
+    ``memory_budget`` caps ``options.memory_budget`` (the worker's own budget; ``merging.memory``).
 
     On any failure nothing is published at ``output.uri`` and the staging area is removed.
     """
@@ -63,7 +65,7 @@ def merge(spec: MergeSpec | dict, progress: ProgressCallback | None = None, *,
     hasher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
     try:
         publisher.check_target()
-        prepared = prepare(spec, cfg, calibration_files)
+        prepared = prepare(spec, cfg, calibration_files, memory_budget=memory_budget)
         method, ctx = prepared.method, prepared.method.ctx
         collector = _diagnostics_collector(spec, method, prepared.plan)
         publisher.stage()
@@ -71,15 +73,18 @@ def merge(spec: MergeSpec | dict, progress: ProgressCallback | None = None, *,
         emit("inspect", 1, 1)
 
         input_hashes = hash_inputs(hasher, [prepared.base, *prepared.experts], cfg.cache_dir)
-        writer = ShardedWriter(publisher.staging, [(p.key, p.out_dtype, p.shape) for p in prepared.plan], spec.output.shard_size)
-        largest_taus = max((len(prepared.experts) * math.prod(p.shape) * ctx.dtype.itemsize for p in prepared.merged_items), default=0)
+        writer = ShardedWriter(publisher.staging, [(p.key, p.out_dtype, p.out_shape) for p in prepared.plan], spec.output.shard_size)
+        largest_taus = prepared.memory.largest_task_vectors(prepared.plan, len(prepared.experts), ctx.dtype)
         loader = TaskVectorLoader(prepared.base, prepared.experts, ctx.device, ctx.dtype, spec.options.check_finite, largest_taus)
-        with torch.no_grad(), heap.unmap_freed_arrays(method.unmap_freed_arrays):
+        # A merge in row blocks is one that memory bounds: its freed block arrays go back to the system.
+        blocks = prepared.memory.smallest_block_array(prepared.plan, ctx.dtype)
+        with torch.no_grad(), heap.unmap_freed_arrays(method.unmap_freed_arrays or blocks is not None,
+                                                      blocks or heap.WHILE_ACTIVE):
             _prepasses(prepared, loader, emit, timings)
             t = time.perf_counter()
             spill = Spill(os.path.join(publisher.staging, ".spill"))
             merge_pass = _MergePass(prepared, collector, writer, loader, spill, hold_every_key=choose_alpha is not None)
-            coverage = merge_pass.run(spec.options.workers, emit)
+            coverage = merge_pass.run(emit)
             timings["merge"] = time.perf_counter() - t
             if spill.keys:
                 _finish_held_back(prepared, spill, coverage, collector, writer, loader, choose_alpha, emit, timings)
@@ -146,30 +151,35 @@ def _finish_diagnostics(collector: DiagnosticsCollector | None, method: MergeMet
 
 def _prepasses(prepared: PreparedMerge, loader: TaskVectorLoader, emit: ProgressEmitter, timings: dict[str, float]) -> None:
     """Stream every merged key through the method's ``observe`` once per pre-pass (TIES's global threshold)."""
-    method, items = prepared.method, prepared.merged_items
+    method, plan, blocks = prepared.method, prepared.plan, prepared.memory.blocks
     for p_index in range(method.prepasses):
         t = time.perf_counter()
-        for i, item in enumerate(items):
-            emit(f"prepass {p_index + 1}/{method.prepasses}", i, len(items), item.key)
-            method.observe(p_index, loader.load(item, i)[1])
-            loader.release(i)
+        for i, item in enumerate(plan):
+            if item.action != "merge":
+                continue
+            emit(f"prepass {p_index + 1}/{method.prepasses}", i, len(plan), item.key)
+            for block in blocks.get(i, [None]):
+                method.observe(p_index, loader.load(item, i, block)[1])
+                loader.release(i, block)
         method.end_pass(p_index)
         timings[f"prepass{p_index + 1}"] = time.perf_counter() - t
 
 
 @dataclass
 class _Merged:
-    """One merged key, as a worker hands it to the main thread."""
+    """One merged key (or row block of one), as a worker hands it to the main thread."""
     tensor: torch.Tensor  # θ0 + c·τ in checkpoint layout, or τ itself (on the CPU) when held back
     coefficient: float
     group: str | None  # None: written now; else held back on disk ("" when only for the α search)
-    norm: float | None  # ‖τ‖, for the group's rescale
+    norm: float | None  # ‖τ‖ (of these rows), for the group's rescale
     alpha_scaled: bool
+    block: RowBlock | None
 
 
 class _MergePass:
-    """Every key of the plan in order: copied, or merged by the method on a worker (``compute``)
-    and then written or held back on disk by the main thread (``store``)."""
+    """Every key of the plan in order: copied, or merged by the method on a worker (``compute``),
+    whole or in the row blocks of the memory plan, and then written or held back on disk by the
+    main thread (``store``)."""
 
     def __init__(self, prepared: PreparedMerge, collector: DiagnosticsCollector | None, writer: ShardedWriter,
                  loader: TaskVectorLoader, spill: Spill, hold_every_key: bool):
@@ -177,26 +187,28 @@ class _MergePass:
         self.writer, self.loader, self.spill = writer, loader, spill
         self.hold_every_key = hold_every_key  # an α search follows: every key waits on disk until α is chosen
         self.coverage: dict[int, dict] = {}  # plan index -> manifest row (jobs finish in any order)
+        self._blocks_left: dict[int, int] = {}  # plan index -> row blocks not stored yet
 
-    def run(self, workers: int | None, emit: ProgressEmitter) -> list[dict]:
+    def run(self, emit: ProgressEmitter) -> list[dict]:
         """Merge the plan; the coverage rows in plan order."""
-        plan, ctx = self.prepared.plan, self.method.ctx
-        sizes = {item.key: job_bytes(item, len(self.prepared.experts), ctx.dtype) for item in self.prepared.merged_items}
-        largest_job = max(sizes.values(), default=0)
-        workers = workers or default_worker_count(largest_job)
-        if ctx.device.type != "cpu":
-            workers = 1  # one stream of kernels; the GPU parallelises within a tensor
-        with MergePool(workers, workers * largest_job, self.store) as pool:
+        plan, memory = self.prepared.plan, self.prepared.memory
+        with MergePool(memory.workers, memory.window, self.store) as pool:
             for i, item in enumerate(plan):
                 emit("merge", i, len(plan), item.key)
                 if item.action == "copy":
-                    self.writer.write(item.key, self.prepared.base.read(item.key))
+                    self._copy(item)
                     self.coverage[i] = coverage_row(item, "copied")
                     continue
-                base_t, job = self.loader.load(item, i)
-                pool.submit(i, sizes[item.key], self.compute, item, base_t, job)
-                del base_t, job  # the job alone holds its inputs: freed as soon as it finishes
-                pool.make_room()
+                blocks = memory.blocks.get(i)
+                self._blocks_left[i] = len(blocks) if blocks else 1
+                for block in blocks or [None]:
+                    pool.make_room(memory.peaks[i])
+                    base_t, job = self.loader.load(item, i, block)
+                    job.draws = self.method.draw(job)  # in plan and row order, on this thread
+                    pool.submit((i, block.start if block else 0), memory.peaks[i], self.compute, item, base_t, job)
+                    del base_t, job  # the job alone holds its inputs: freed as soon as it finishes
+                if item.appended:
+                    self._append_rows(item)
             pool.drain()
         emit("merge", len(plan), len(plan))
         # Jobs finish in any order: what depends on order goes back to plan order, so the
@@ -204,10 +216,28 @@ class _MergePass:
         self.spill.put_in_order({item.key: i for i, item in enumerate(plan)})
         return [self.coverage[i] for i in sorted(self.coverage)]
 
+    def _copy(self, item: PlanItem) -> None:
+        """A key copied from the base: through memory in row blocks when it is large."""
+        base = self.prepared.base
+        blocks = copy_blocks(item.shape, item.in_dtype.itemsize, self.prepared.memory.budget)
+        if blocks is None:
+            self.writer.write(item.key, base.read(item.key))
+            return
+        for block in blocks:
+            self.writer.write(item.key, base.read(item.key, rows=(block.start, block.stop)), start_row=block.start)
+
+    def _append_rows(self, item: PlanItem) -> None:
+        """options.vocab 'union': after the merged rows, one row per added token, the mean of that
+        row over the experts that added the token (their weights, not task vectors: the base has none)."""
+        experts, dtype = self.prepared.experts, self.method.ctx.dtype
+        rows = [torch.stack([experts[e].read_meta(meta).to(dtype) for e, meta in pairs]).mean(0) for pairs in item.appended]
+        self.writer.write(item.key, torch.cat(rows), start_row=item.shape[0])
+
     def compute(self, item: PlanItem, base_t: torch.Tensor, job: TensorJob) -> _Merged:
         merged = self.method.merge(job)
         if not all_finite(merged):
-            raise MergeError(f"method {self.method.name!r} produced NaN/Inf for tensor {item.key!r}", code="numerical_failure")
+            where = "" if job.block is None else f" (rows {job.block.start}..{job.block.stop})"
+            raise MergeError(f"method {self.method.name!r} produced NaN/Inf for tensor {item.key!r}{where}", code="numerical_failure")
         if self.collector is not None:
             self.collector.observe(job, merged)
         coefficient = self.method.coefficient(job)
@@ -216,17 +246,32 @@ class _MergePass:
         if group is None and self.hold_every_key:
             group = ""
         if group is None:
-            return _Merged(merged_weight(base_t, merged, coefficient, item).cpu(), coefficient, None, None, alpha_scaled)
-        return _Merged(merged.cpu(), coefficient, group, float(torch.linalg.vector_norm(merged)), alpha_scaled)
+            return _Merged(merged_weight(base_t, merged, coefficient, item, job.block).cpu(), coefficient, None, None,
+                           alpha_scaled, job.block)
+        return _Merged(merged.cpu(), coefficient, group, float(torch.linalg.vector_norm(merged)), alpha_scaled, job.block)
 
-    def store(self, index: int, result: _Merged) -> None:
+    def store(self, position: tuple[int, int], result: _Merged) -> None:
+        index = position[0]
         item = self.prepared.plan[index]
         if result.group is None:
-            self.writer.write(item.key, result.tensor)
+            self.writer.write(item.key, result.tensor, start_row=_first_row(item, result.block))
         else:  # keep τ on disk until every layer of its group is known
-            self.spill.put(index, item, result.tensor, result.group, result.coefficient, result.norm, result.alpha_scaled)
-        self.coverage[index] = coverage_row(item, "merged", coefficient=result.coefficient, group=result.group or None)
-        self.loader.release(index)  # the result is stored: the job's task vectors are not read again
+            self.spill.put(index, item, result.tensor, result.group, result.coefficient, result.norm, result.alpha_scaled,
+                           result.block)
+        self.loader.release(index, result.block)  # the result is stored: the job's task vectors are not read again
+        self._blocks_left[index] -= 1
+        if not self._blocks_left[index]:
+            blocks = self.prepared.memory.blocks.get(index)
+            self.coverage[index] = coverage_row(item, "merged", coefficient=result.coefficient, group=result.group or None,
+                                                row_blocks=len(blocks) if blocks else None)
+
+
+def _first_row(item: PlanItem, block: RowBlock | None) -> int | None:
+    """Where a merged result goes in its output tensor: its block's first row; 0 when rows are
+    appended after the merged ones (options.vocab 'union'); None for the whole tensor."""
+    if block is not None:
+        return block.start
+    return 0 if item.appended else None
 
 
 def _finish_held_back(prepared: PreparedMerge, spill: Spill, coverage: list[dict], collector: DiagnosticsCollector | None,
@@ -254,8 +299,16 @@ def _finish_held_back(prepared: PreparedMerge, spill: Spill, coverage: list[dict
         t = time.perf_counter()
     for j, (key, held) in enumerate(spill.keys.items()):
         emit("rescale", j, len(spill.keys), key)
-        tau = spill.load(key).to(method.ctx.device)
-        writer.write(key, merged_weight(loader.load_base(held.item), tau * factors.get(key, 1.0), held.coefficient, held.item))
+        factor = factors.get(key, 1.0)
+        if held.blocks is None:
+            tau = spill.load(key).to(method.ctx.device)
+            writer.write(key, merged_weight(loader.load_base(held.item), tau * factor, held.coefficient, held.item),
+                         start_row=_first_row(held.item, None))
+        else:  # held back in row blocks: written back the same way
+            for block in held.blocks:
+                tau = spill.load_block(key, block).to(method.ctx.device)
+                base = loader.load_base_rows(held.item, block)
+                writer.write(key, merged_weight(base, tau * factor, held.coefficient, held.item, block), start_row=block.start)
         spill.remove(key)
     spill.close()
     timings["rescale"] = time.perf_counter() - t

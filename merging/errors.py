@@ -28,6 +28,12 @@ class SpecError(MergeError):
     code = "invalid_spec"
 
 
+class MemoryBudgetError(MergeError):
+    """A tensor that its method needs whole would take more memory than the budget allows."""
+
+    code = "memory_budget_exceeded"
+
+
 class InputError(MergeError):
     """A checkpoint or calibration input cannot be used (unreadable, corrupt, mismatched, NaN)."""
 

@@ -105,6 +105,27 @@ class RunOptions(_Strict):
         "in parallel do), fewer when the largest tensor's job (T + 1 copies, ~3x with working copies) "
         "would put the jobs in flight over a quarter of the memory. 1: one tensor at a time with torch's "
         "own threads. Ignored on CUDA."))
+    vocab: Literal["base", "union"] | None = Field(None, description=(
+        "Experts whose vocabulary adds tokens to the base's (rows appended to the embedding table and LM head): "
+        "'base' keeps the base's tokens and drops the added rows; 'union' appends each added token once, its row the "
+        "mean over the experts that added it, and writes a tokenizer and config that have them. Unset: such experts "
+        "are refused."))
+    memory_budget: int | str | None = Field(None, description=(
+        "Bytes the merge's tensors may take at once, e.g. '4GB'. Element-wise work (weight averaging, Task "
+        "Arithmetic, TIES, DARE, Consensus, and the mean-merged tensors of the SVD methods) runs in row blocks sized "
+        "to fit; a tensor whose method needs it whole and does not fit is refused before any merge work, naming it. "
+        "Default: half the memory this process may use (cgroup limit or RAM), or the worker's SUBMERGE_MEMORY_BUDGET "
+        "when that is smaller."))
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _budget(cls, v: int | str | None) -> int | None:
+        if v is None:
+            return None
+        n = parse_size(v)
+        if n < 1 << 20:
+            raise ValueError("memory_budget must be at least 1 MiB")
+        return n
 
 
 # The one list of evaluator names: evaluation.evaluators.REGISTRY implements exactly these.

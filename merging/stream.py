@@ -17,9 +17,9 @@ from typing import Any, Callable
 
 import torch
 
-from merging.errors import NonFiniteInputError
+from merging.errors import IncompatibleCheckpointsError, NonFiniteInputError
 from merging.io.checkpoint import Checkpoint
-from merging.methods.base import TensorJob
+from merging.methods.base import RowBlock, TensorJob
 from merging.plan import PlanItem
 
 
@@ -44,7 +44,7 @@ class TaskVectorLoader:
         self.base, self.experts, self.device, self.dtype, self.check_finite = base, experts, device, dtype, check_finite
         self._buffer_bytes = largest_job if device.type == "cpu" and largest_job >= self.RECYCLE_BYTES else 0
         self._free: list[torch.Tensor] = []
-        self._owned: dict[int, torch.Tensor] = {}  # plan index of a loaded job -> its recycled buffer
+        self._owned: dict[tuple, torch.Tensor] = {}  # (plan index, rows) of a loaded job -> its recycled buffer
 
     def _task_buffer(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
         nbytes = math.prod(shape) * self.dtype.itemsize
@@ -53,21 +53,31 @@ class TaskVectorLoader:
         raw = self._free.pop() if self._free else torch.empty(self._buffer_bytes, dtype=torch.uint8)
         return raw[:nbytes].view(self.dtype).view(shape), raw
 
-    def release(self, index: int) -> None:
-        """The task vectors loaded with plan index ``index`` will not be read again."""
-        raw = self._owned.pop(index, None)
+    def release(self, index: int, block: RowBlock | None = None) -> None:
+        """The task vectors loaded with plan index ``index`` (and ``block``) will not be read again."""
+        raw = self._owned.pop((index, None if block is None else (block.start, block.stop)), None)
         if raw is not None:
             self._free.append(raw)
 
-    def _explain_non_finite(self, key: str) -> None:
+    def _check_duplicate(self, ex: Checkpoint, key: str, table: torch.Tensor, rows: tuple[int, int] | None) -> None:
+        """The untied head that ``ex`` saves beside ``key`` must equal it (merging/tied_heads.py)."""
+        head = ex.tied_duplicates[key]
+        copy = ex.read_meta(head, rows=rows).to(table.device, table.dtype)
+        if not torch.equal(copy.reshape(table.shape), table):
+            where = "" if rows is None else f" (in rows {rows[0]}..{rows[1]})"
+            raise IncompatibleCheckpointsError(
+                f"{ex.label} saves an untied {head.key!r} that differs from its {key!r}{where}, but the base ties its head "
+                f"to {key!r}: merge it with a base saved untied, or save the expert tied (tie_word_embeddings)")
+
+    def _explain_non_finite(self, key: str, rows: tuple[int, int] | None) -> None:
         for ckpt in (self.base, *self.experts):
-            self.read_checked(ckpt, key)  # raises naming the checkpoint if its stored values are NaN/Inf
+            self.read_checked(ckpt, key, rows)  # raises naming the checkpoint if its stored values are NaN/Inf
         raise NonFiniteInputError(f"tensor {key!r} overflows {str(self.dtype).removeprefix('torch.')} when converted "
                                   "for computation (set options.compute_dtype to float64)")
 
-    def read_checked(self, ckpt: Checkpoint, key: str) -> torch.Tensor:
-        """``key`` as stored in ``ckpt``, refused (naming the checkpoint) if it holds NaN/Inf."""
-        t = ckpt.read(key)
+    def read_checked(self, ckpt: Checkpoint, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """``key`` (or those ``rows`` of it) as stored in ``ckpt``, refused (naming the checkpoint) if it holds NaN/Inf."""
+        t = ckpt.read(key, rows=rows)
         if self.check_finite and t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise NonFiniteInputError(f"tensor {key!r} in {ckpt.label} has {bad} NaN/Inf value(s)")
@@ -78,76 +88,44 @@ class TaskVectorLoader:
         t = self.read_checked(self.base, item.key).to(self.device, self.dtype)
         return t.mT if item.role.transposed and len(item.shape) == 2 else t
 
-    def load(self, item: PlanItem, index: int) -> tuple[torch.Tensor, TensorJob]:
-        base = self.base.read(item.key).to(self.device, self.dtype)
-        taus, raw = self._task_buffer((len(self.experts), *item.shape))
-        direct = self.device.type == "cpu" and item.in_dtype == self.dtype  # read straight into the final buffer
+    def load_base_rows(self, item: PlanItem, block: RowBlock) -> torch.Tensor:
+        """Rows of the base tensor of ``item`` on the compute device, in the compute dtype, as stored."""
+        return self.read_checked(self.base, item.key, (block.start, block.stop)).to(self.device, self.dtype)
+
+    def load(self, item: PlanItem, index: int, block: RowBlock | None = None) -> tuple[torch.Tensor, TensorJob]:
+        """The base tensor and the merge job of ``item`` (``index``: its plan position): the whole
+        key oriented (out, in), or with ``block`` those rows as stored. Experts stored in another
+        floating dtype than the base are cast into the compute dtype like it."""
+        rows = None if block is None else (block.start, block.stop)
+        base = self.base.read(item.key, rows=rows).to(self.device, self.dtype)
+        taus, raw = self._task_buffer((len(self.experts), *base.shape))
         for i, ex in enumerate(self.experts):
-            if direct:
-                ex.read(item.key, out=taus[i])
+            if self.device.type == "cpu" and ex.metas[item.key].dtype == self.dtype:
+                ex.read(item.key, out=taus[i], rows=rows)  # straight into the final buffer
             else:
-                taus[i] = ex.read(item.key).to(self.device, self.dtype)
+                taus[i] = ex.read(item.key, rows=rows).to(self.device, self.dtype)
+            if item.key in ex.tied_duplicates:
+                self._check_duplicate(ex, item.key, taus[i], rows)
         taus -= base
         # NaN/Inf in any input makes the sum non-finite: one fused pass over the task vectors and the
         # base. (A finite but huge sum also fails this; then the exact check below decides.)
         if self.check_finite and not bool(torch.isfinite(taus.sum() + base.sum())):
             if not (bool(torch.isfinite(base).all()) and bool(torch.isfinite(taus).all())):
-                self._explain_non_finite(item.key)
-        if item.role.transposed and len(item.shape) == 2:
+                self._explain_non_finite(item.key, rows)
+        if block is None and item.role.transposed and len(item.shape) == 2:
             base, taus = base.mT, taus.mT
         if raw is not None:
-            self._owned[index] = raw
-        return base, TensorJob(item.key, item.role, taus, index)
+            self._owned[(index, rows)] = raw
+        return base, TensorJob(item.key, item.role, taus, index, block)
 
 
-def merged_weight(base: torch.Tensor, tau: torch.Tensor, coefficient: float, item: PlanItem) -> torch.Tensor:
-    """θ0 + c·τ, back in the checkpoint's layout."""
+def merged_weight(base: torch.Tensor, tau: torch.Tensor, coefficient: float, item: PlanItem,
+                  block: RowBlock | None = None) -> torch.Tensor:
+    """θ0 + c·τ, back in the checkpoint's layout (row blocks are in it already)."""
     out = base + coefficient * tau
-    if item.role.transposed and len(item.shape) == 2:
+    if block is None and item.role.transposed and len(item.shape) == 2:
         out = out.mT
     return out
-
-
-# -- how many tensors at once --------------------------------------------------------------------
-
-def default_workers() -> int:
-    """Tensors merged at once on CPU when the spec does not say: one per usable core, at most 8."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(8, cores))
-
-
-def memory_bytes() -> int | None:
-    """Memory this process may use: the cgroup limit when there is one (containers), else physical RAM."""
-    try:
-        with open("/sys/fs/cgroup/memory.max") as f:
-            limit = f.read().strip()
-        if limit.isdigit():
-            return int(limit)
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def default_worker_count(largest_job: int) -> int:
-    """options.workers when the spec does not say: one per core, and few enough that the jobs in
-    flight (with float64 working copies, ~3× their inputs) stay within a quarter of the memory:
-    a 7B model's 0.5 GB embedding × 9 checkpoints is a 4.7 GB job."""
-    workers = default_workers()
-    memory = memory_bytes()
-    if memory and largest_job > 0:
-        workers = min(workers, max(1, memory // 4 // (3 * largest_job)))
-    return workers
-
-
-def job_bytes(item: PlanItem, n_experts: int, dtype: torch.dtype) -> int:
-    """Memory one merge job holds: the base and every task vector of one tensor."""
-    return (n_experts + 1) * math.prod(item.shape) * dtype.itemsize
 
 
 class MergePool:
@@ -155,7 +133,7 @@ class MergePool:
     to ``store(index, result)`` on the calling thread as soon as its job finishes.
 
     The caller reads inputs in plan order; what may be in flight is bounded in bytes (``budget``:
-    workers times the largest job), not in jobs: a count would let a bias queued behind a large
+    the memory plan's window, each job counted at its estimated peak), not in jobs: a count would let a bias queued behind a large
     matrix idle a worker, and the count of large matrices is what bounds memory. Results are
     stored as jobs finish (the writer takes tensors in any order), not in plan order: a finished
     job waiting behind a longer one would hold the window shut while a worker idles (ESM: the
@@ -164,13 +142,13 @@ class MergePool:
     With one worker there is no pool: each job runs on the calling thread, on torch's own threads.
     """
 
-    def __init__(self, workers: int, budget: int, store: Callable[[int, Any], None]):
+    def __init__(self, workers: int, budget: int, store: Callable[[Any, Any], None]):
         self._store, self._budget = store, budget
         # OpenMP's thread count is per OS thread: a pool thread that does not set its own runs
         # every op on all cores (2 workers × 2 OpenMP threads on 2 cores: 1.4× slower, measured).
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merge",
                                                            initializer=torch.set_num_threads, initargs=(1,)) if workers > 1 else None
-        self._pending: dict[concurrent.futures.Future, tuple[int, int]] = {}  # job -> (plan index, bytes it holds)
+        self._pending: dict[concurrent.futures.Future, tuple[Any, int]] = {}  # job -> (its position, bytes it holds)
 
     def __enter__(self) -> "MergePool":
         self._threads = torch.get_num_threads()
@@ -185,20 +163,23 @@ class MergePool:
             self._pool.shutdown(wait=True)
             torch.set_num_threads(self._threads)
 
-    def submit(self, index: int, nbytes: int, fn: Callable[..., Any], *args) -> None:
-        """Run ``fn(*args)``, the job of plan index ``index`` holding ``nbytes`` of inputs (inline
-        without a pool). Call ``make_room`` next, once the caller holds no reference to the inputs."""
+    def submit(self, index: Any, nbytes: int, fn: Callable[..., Any], *args) -> None:
+        """Run ``fn(*args)``, the job at position ``index`` (sortable: the plan index, and the first
+        row of a row block) holding about ``nbytes`` (inline without a pool), once ``make_room(nbytes)``
+        has made room for it."""
         if self._pool is None:
             self._store(index, fn(*args))
         else:
             self._pending[self._pool.submit(fn, *args)] = (index, nbytes)
 
-    def make_room(self) -> None:
-        """Store the jobs already finished; wait until the inputs in flight are below the budget."""
+    def make_room(self, nbytes: int) -> None:
+        """Store the jobs already finished; wait until a job of ``nbytes`` fits beside those in
+        flight within the budget (a job larger than the budget waits until it is alone). Call it
+        before reading the job's inputs."""
         if not self._pending:
             return
         self._store_finished(wait=False)
-        while self._pending and sum(n for _, n in self._pending.values()) >= self._budget:
+        while self._pending and sum(n for _, n in self._pending.values()) + nbytes > self._budget:
             self._store_finished(wait=True)
 
     def drain(self) -> None:
@@ -219,50 +200,78 @@ class MergePool:
 
 @dataclass
 class SpilledKey:
-    path: str
     item: PlanItem
     group: str  # the method's rescale group, or "" when only the α search holds the key back
     coefficient: float  # c in θ0 + c·τ
     alpha_scaled: bool  # c is α (else 1)
+    blocks: list[RowBlock] | None  # held back in these row blocks (as stored), or None: whole (oriented)
+    paths: dict[int, str]  # first row of each part (0 when whole) -> its file
 
 
 class Spill:
     """Merged task vectors (before α) kept on disk until every key is merged: when a method scales
     a key by its group's norms (ESM's inter-layer scaling) and when α is chosen on validation data.
-    Keys arrive in any order (jobs finish in any order); ``put_in_order`` then puts them, and the
-    group norms, back in plan order, so that sums over them round the same from run to run."""
+    Keys (and row blocks) arrive in any order (jobs finish in any order); ``put_in_order`` then puts
+    them, and the group norms, back in plan and row order, so that sums over them round the same
+    from run to run."""
 
     def __init__(self, directory: str):
         self.directory = directory  # created on first use
         self.keys: dict[str, SpilledKey] = {}
         self.norms: dict[str, dict[str, float]] = {}  # rescale group -> key -> ‖τ‖
+        self._norm_parts: dict[str, dict[str, dict[int, float]]] = {}  # group -> key -> first row -> ‖rows‖
 
     def put(self, index: int, item: PlanItem, tau: torch.Tensor, group: str, coefficient: float, norm: float | None,
-            alpha_scaled: bool) -> None:
+            alpha_scaled: bool, block: RowBlock | None = None) -> None:
         os.makedirs(self.directory, exist_ok=True)
-        path = os.path.join(self.directory, f"{index}.pt")
+        start = 0 if block is None else block.start
+        path = os.path.join(self.directory, f"{index}.pt" if block is None else f"{index}.{start}.pt")
         torch.save(tau, path)
         if group:
-            self.norms.setdefault(group, {})[item.key] = norm
-        self.keys[item.key] = SpilledKey(path, item, group, coefficient, alpha_scaled)
+            self._norm_parts.setdefault(group, {}).setdefault(item.key, {})[start] = norm
+        entry = self.keys.get(item.key)
+        if entry is None:
+            entry = self.keys[item.key] = SpilledKey(item, group, coefficient, alpha_scaled, None if block is None else [], {})
+        entry.paths[start] = path
+        if block is not None:
+            entry.blocks.append(block)
 
     def put_in_order(self, position: dict[str, int]) -> None:
         self.keys = dict(sorted(self.keys.items(), key=lambda kv: position[kv[0]]))
-        self.norms = {g: dict(sorted(n.items(), key=lambda kv: position[kv[0]])) for g, n in sorted(self.norms.items())}
+        for entry in self.keys.values():
+            if entry.blocks is not None:
+                entry.blocks.sort(key=lambda b: b.start)
+        self.norms = {g: {key: _combined_norm(parts) for key, parts in sorted(n.items(), key=lambda kv: position[kv[0]])}
+                      for g, n in sorted(self._norm_parts.items())}
 
     def set_alpha(self, alpha: float) -> None:
         for entry in self.keys.values():
             entry.coefficient = alpha if entry.alpha_scaled else 1.0
 
     def load(self, key: str) -> torch.Tensor:
-        return torch.load(self.keys[key].path, weights_only=True)
+        """The whole held-back τ of ``key``: oriented (out, in) when held whole, as stored when in row blocks."""
+        entry = self.keys[key]
+        if entry.blocks is None:
+            return torch.load(entry.paths[0], weights_only=True)
+        return torch.cat([self.load_block(key, b) for b in entry.blocks])
+
+    def load_block(self, key: str, block: RowBlock) -> torch.Tensor:
+        return torch.load(self.keys[key].paths[block.start], weights_only=True)
 
     def remove(self, key: str) -> None:
-        os.unlink(self.keys[key].path)
+        for path in self.keys[key].paths.values():
+            os.unlink(path)
 
     def close(self) -> None:
         """Remove the (emptied) directory."""
         os.rmdir(self.directory)
+
+
+def _combined_norm(parts: dict[int, float]) -> float:
+    """‖τ‖ of a key from the norms of its parts, summed in row order (one part: itself, exactly)."""
+    if len(parts) == 1:
+        return next(iter(parts.values()))
+    return math.sqrt(sum(parts[start] ** 2 for start in sorted(parts)))
 
 
 class TaskVector:
@@ -281,9 +290,10 @@ class TaskVector:
         return self._spill.keys[key].alpha_scaled
 
     def read(self, key: str) -> torch.Tensor:
-        item = self._spill.keys[key].item
+        entry = self._spill.keys[key]
         tau = self._spill.load(key) * self._factors.get(key, 1.0)
-        return tau.mT.contiguous() if item.role.transposed and len(item.shape) == 2 else tau
+        oriented = entry.blocks is None and entry.item.role.transposed and len(entry.item.shape) == 2
+        return tau.mT.contiguous() if oriented else tau
 
     def base(self, key: str) -> torch.Tensor:
         return self._base.read(key)

@@ -39,7 +39,9 @@ class ArtifactList(BaseModel):
 class ValidationReport(BaseModel):
     valid: bool
     error: ErrorInfo | None = None
-    summary: dict[str, Any] | None = Field(None, description="Inputs, tensor counts, roles and copied tensors when valid.")
+    summary: dict[str, Any] | None = Field(None, description=(
+        "Inputs, tensor counts, roles and copied tensors when valid, and the memory plan: the budget, the workers, "
+        "the estimated peak bytes, the largest job and the tensors merged in row blocks."))
 
 
 class MethodList(BaseModel):

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import merging
-from merging.errors import CancelledError
+from merging.errors import CancelledError, MemoryBudgetError
 
 
 @pytest.fixture()
@@ -126,7 +126,7 @@ def test_esm_spill_is_cleaned_up(tmp_path, monkeypatch):
 
     from merging.methods.esm import Esm
     from merging import heap
-    from merging.stream import default_workers
+    from merging.memory import default_workers
     threads, unmapping = set(), set()
     original = Esm._esd_merge
 
@@ -342,15 +342,40 @@ def test_esm_never_runs_two_of_its_widest_polar_factors_at_once(tmp_path, monkey
     assert (12, 16) in overlaps, overlaps  # the narrower layer's polar ran beside a wide one
 
 
-def test_default_workers_shrink_when_the_jobs_would_not_fit_in_memory(monkeypatch):
-    from merging import stream
-    monkeypatch.setattr(stream, "default_workers", lambda: 8)
-    monkeypatch.setattr(stream, "memory_bytes", lambda: 64 << 30)
-    assert stream.default_worker_count(85 << 20) == 8  # ViT-B/16 fc job: many fit
-    assert stream.default_worker_count(int(4.7 * (1 << 30))) == 1  # a 7B model's embedding × 9
-    assert stream.default_worker_count(1 << 30) == 5  # 16 GB / 3 GB
-    monkeypatch.setattr(stream, "memory_bytes", lambda: None)
-    assert stream.default_worker_count(1 << 40) == 8  # unknown memory: cores only
+def test_the_memory_plan_cuts_what_does_not_fit_and_reads_ahead_as_before_what_does(monkeypatch):
+    from merging import memory
+    from merging.methods.task_arithmetic import TaskArithmetic, TaskArithmeticParams
+    from merging.methods.tsv_m import TSVM
+    from merging.methods.base import MergeContext
+    from merging.plan import PlanItem
+    from merging.roles import infer_role
+    monkeypatch.setattr(memory, "memory_bytes", lambda: 24 << 30)
+    assert memory.effective_budget(None, None) == 12 << 30  # half the machine's (or cgroup's) memory
+    assert memory.effective_budget(8 << 30, 4 << 30) == 4 << 30  # the worker's budget caps the spec's
+    assert memory.effective_budget(2 << 30, 4 << 30) == 2 << 30
+    monkeypatch.setattr(memory, "memory_bytes", lambda: None)
+    assert memory.effective_budget(None, None) == 8 << 30  # unknown memory
+
+    def item(key, shape, dtype=torch.bfloat16):
+        return PlanItem(key, infer_role(key, shape), shape, dtype, dtype, "merge")
+    ctx = MergeContext([f"e{t}" for t in range(8)], torch.device("cpu"), torch.float32)
+    ta = TaskArithmetic(TaskArithmeticParams(), ctx)
+    # a Llama-3-8B-shaped vocabulary table and one MLP matrix, 8 experts, a 4 GiB budget, 2 workers
+    plan = [item("model.embed_tokens.weight", (128256, 4096)), item("model.layers.0.mlp.up_proj.weight", (14336, 4096))]
+    mp = memory.plan_memory(plan, 8, torch.float32, ta, 4 << 30, 2)
+    assert set(mp.blocks) == {0, 1} and all(p <= 2 << 30 for p in mp.peaks.values())  # one worker's share each
+    assert mp.blocks[0][0].start == 0 and mp.blocks[0][-1].stop == 128256
+    assert all(a.stop == b.start for a, b in zip(mp.blocks[0], mp.blocks[0][1:]))
+    assert mp.estimated_peak <= memory.RUNTIME_BYTES + (4 << 30)
+    # TSV-M needs the MLP matrix whole: 58.7M entries x (4 B x (8 x 4 + 4) + 2 B) = 8.6 GB
+    with pytest.raises(MemoryBudgetError, match=r"'model.layers.0.mlp.up_proj.weight' .* more than the memory budget of 4.0 GiB"):
+        memory.plan_memory(plan, 8, torch.float32, TSVM(TSVM.Params(), ctx), 4 << 30, 2)
+    mp = memory.plan_memory(plan, 8, torch.float32, TSVM(TSVM.Params(), ctx), 12 << 30, 2)
+    assert set(mp.blocks) == {0}  # the mean-merged table in blocks, the matrix whole (alone in the window)
+    # ViT-B/16-sized jobs fit: nothing is cut, and reading ahead stops at workers x the largest job, as before
+    vit = [item(f"blocks.{i}.mlp.c_fc.weight", (3072, 768), torch.float32) for i in range(12)]
+    mp = memory.plan_memory(vit, 8, torch.float32, ta, 12 << 30, 2)
+    assert not mp.blocks and mp.window == 2 * max(mp.peaks.values())
 
 
 @pytest.mark.parametrize("method", ["tsv_m", "ties"])  # ties: its prepasses load every tensor too

@@ -155,7 +155,9 @@ def test_side_files_copied_and_manifest_hashes_match(checkpoints, tmp_path, spec
     base, experts = checkpoints.family(n_experts=2)
     side = {"config.json": json.dumps({"model_type": "llama", "hidden_size": 16}), "tokenizer.json": '{"version": "1.0"}',
             "tokenizer_config.json": "{}", "special_tokens_map.json": "{}", "generation_config.json": "{}",
-            "tokenizer.model": b"\x00\x01binary-sentencepiece", "notes.txt": "not a model side file"}
+            "tokenizer.model": b"\x00\x01binary-sentencepiece", "added_tokens.json": '{"<|im_start|>": 32}',
+            "chat_template.jinja": "{% for m in messages %}{{ m['content'] }}{% endfor %}",
+            "chat_template.json": '{"chat_template": "{{ messages }}"}', "notes.txt": "not a model side file"}
     b = checkpoints.directory(base, "base", side_files=side, shards=2)
     es = [checkpoints.directory(e, f"e{i}", side_files={"config.json": '{"from": "expert"}'}) for i, e in enumerate(experts)]
     out = tmp_path / "out"

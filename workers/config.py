@@ -15,6 +15,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from merging.io.sources import IOConfig
+from merging.spec import parse_size
 
 CSV = Annotated[list[str], NoDecode]
 
@@ -77,6 +78,9 @@ class Settings(BaseSettings):
     job_time_limit: int | None = Field(None, ge=1, description="Hard Celery time limit; default soft limit + 600 s.")
     progress_interval: float = Field(1.0, gt=0, description="Minimum seconds between progress writes to the job store.")
     cancel_poll_interval: float = Field(0.25, gt=0, description="How often a running job checks for cancellation.")
+    memory_budget: int | str | None = Field(None, description=(
+        "Memory one merge may take, e.g. '16GB' (options.memory_budget of a job may lower it, never raise it); "
+        "default: half the memory of the machine or container."))
     debug_step_delay: float = Field(0.0, ge=0, description="Test hook: sleep this long per merged tensor.")
     allow_custom_adapters: bool = Field(False, description=(
         "Allow evaluation.adapter 'python:module:function' (imports and runs that function on the worker)."))
@@ -86,6 +90,11 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = Field(5, ge=1, description="Delivery attempts per webhook.")
     webhook_timeout: float = Field(10.0, gt=0, description="Seconds per delivery attempt.")
     webhook_backoff: float = Field(1.0, ge=0, description="First retry delay in seconds; doubles each retry.")
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _budget(cls, v: int | str | None) -> int | None:
+        return None if v in (None, "") else parse_size(v)
 
     @field_validator("api_keys", "file_roots", "allowed_schemes", "allowed_hosts", "allowed_buckets",
                      "allowed_private_networks", mode="before")

@@ -214,9 +214,10 @@ def _ratio(a: float, b: float) -> float:
 
 def run_pipeline(spec: MergeSpec | dict, progress: Callable[[ProgressEvent], Any] | None = None, *,
                  io: IOConfig | None = None, should_cancel: Callable[[], bool] | None = None,
-                 cache_dir: str | None = None) -> PipelineResult:
+                 cache_dir: str | None = None, memory_budget: int | None = None) -> PipelineResult:
     """Run a job: calibration capture, merge (with α search when ``params.alpha`` is "auto") and
-    evaluation. Without calibration data, evaluation or α search this is exactly ``merge()``."""
+    evaluation. Without calibration data, evaluation or α search this is exactly ``merge()``.
+    ``memory_budget``: the worker's cap on the merge's memory (``merging.memory``)."""
     spec = load_spec(spec)
     cfg = io or IOConfig()
     emit = ProgressEmitter(progress, should_cancel, cancel_message="cancelled")
@@ -238,7 +239,7 @@ def run_pipeline(spec: MergeSpec | dict, progress: Callable[[ProgressEvent], Any
         timings["lambda_search"] = time.perf_counter() - t
     t = time.perf_counter()
     result = engine.merge(spec, progress, io=cfg, should_cancel=should_cancel, calibration_files=calibration_files or None,
-                   choose_alpha=p.choose_alpha if spec.alpha_auto else None)
+                   choose_alpha=p.choose_alpha if spec.alpha_auto else None, memory_budget=memory_budget)
     timings["merge"] = time.perf_counter() - t
     evaluation = None
     if spec.evaluation is not None:

@@ -154,7 +154,8 @@ def run_job(job_id: str, settings: Settings | None = None, *, stop_event: thread
         spec = admit_spec(job.spec, settings)  # as at submission: the policy or the files may have changed
         storage.clear_job(job_id)  # leftovers of an interrupted attempt
         io = job_io_config(settings, storage)  # every file opened and every HTTP hop checked again
-        run = run_pipeline(spec, progress=progress, io=io, should_cancel=should_cancel, cache_dir=io.cache_dir)
+        run = run_pipeline(spec, progress=progress, io=io, should_cancel=should_cancel, cache_dir=io.cache_dir,
+                           memory_budget=settings.memory_budget)
         result = run.merge
         artifacts = write_reports(storage, job, spec, run, t0)
         manifest = {k: v for k, v in result.manifest.items() if k != "tensors"}

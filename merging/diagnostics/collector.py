@@ -268,6 +268,7 @@ class DiagnosticsCollector:
         self._lock = threading.Lock()
         self._layers: dict[str, dict[str, Any]] = {}
         self._grams: dict[str, torch.Tensor] = {}
+        self._block_grams: dict[str, dict[int, tuple[int, torch.Tensor]]] = {}  # key -> first row -> (stop, Gram)
         self._svd: dict[str, dict[str, Any]] = {}
         self._scale: dict[str, float] = {}
         self._errors: list[dict[str, str]] = []
@@ -277,7 +278,10 @@ class DiagnosticsCollector:
     # -- streaming ---------------------------------------------------------------------------
     def observe(self, job: TensorJob, merged: torch.Tensor) -> None:
         """Record the diagnostics of one key. ``merged`` is τ_merged for ``job.key`` (before α),
-        oriented like ``job.taus[0]``. Safe to call from several threads at once."""
+        oriented like ``job.taus[0]``. Safe to call from several threads at once. A key merged in
+        row blocks is observed once per block: its Gram matrices add up (in row order, so the
+        report is the same from run to run), and it gets no spectral analysis, which needs the
+        whole matrix."""
         t0 = time.perf_counter()
         key = job.key
         record: dict[str, Any] | None = None
@@ -289,12 +293,15 @@ class DiagnosticsCollector:
                 if tuple(merged.shape) != tuple(job.taus.shape[1:]):
                     raise ValueError(f"merged shape {tuple(merged.shape)} != task shape {tuple(job.taus.shape[1:])}")
                 gram = M.flat_gram(job.taus, merged)
-            record = {"key": key, "role": job.role.role.value, "shape": list(job.taus.shape[1:]), "index": job.index,
+            shape = list(job.taus.shape[1:]) if job.block is None else [job.block.rows, *job.taus.shape[2:]]
+            record = {"key": key, "role": job.role.role.value, "shape": shape, "index": job.index,
                       "is_matrix": bool(job.is_matrix)}
         except Exception as e:  # never fail the merge
             errors.append({"key": key, "stage": "cheap", "error": f"{type(e).__name__}: {e}"})
         t1 = time.perf_counter()
-        if record is not None and key in self._svd_set and job.is_matrix and self.n_tasks >= 1:
+        if record is not None and key in self._svd_set and job.is_matrix and job.block is not None and job.block.first:
+            errors.append({"key": key, "stage": "svd", "error": "skipped: merged in row blocks (larger than the memory budget)"})
+        if record is not None and key in self._svd_set and job.is_matrix and job.block is None and self.n_tasks >= 1:
             try:
                 with torch.no_grad():
                     analysis = analyse_layer(job.taus, merged, method=self.method, params=self.params, role=job.role,
@@ -310,7 +317,13 @@ class DiagnosticsCollector:
                 raise RuntimeError("DiagnosticsCollector.observe() after finish()")
             self._errors.extend(errors)
             self._cost["cheap"] += t1 - t0
-            if record is not None:
+            if record is not None and job.block is not None:
+                parts = self._block_grams.setdefault(key, {})
+                parts[job.block.start] = (job.block.stop, gram)
+                if sum(stop - start for start, (stop, _) in parts.items()) == job.block.rows:
+                    self._layers[key] = record
+                    self._grams[key] = sum(g for _, (_, g) in sorted(self._block_grams.pop(key).items()))
+            elif record is not None:
                 self._layers[key] = record
                 self._grams[key] = gram
             if analysis is not None:

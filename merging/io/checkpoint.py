@@ -24,15 +24,17 @@ from typing import Iterable, Iterator
 import torch
 
 from merging.errors import CorruptCheckpointError, InputError, MergeError, UnreadableURIError, UnsafePickleError
-from merging.io.safetensors_format import TensorMeta, header_length, parse_header, read_tensor
+from merging.io.safetensors_format import TensorMeta, header_length, parse_header, read_tensor, rows_of
 from merging.io.sources import HTTP_SCHEMES, IOConfig, Location
 
-# Files copied from the base model directory into the output, when present.
+# Files copied from the base model directory into the output, when present: the config, the
+# tokenizer with its special and added tokens, the chat template (transformers ≥ 4.43 keeps it in
+# its own file), generation defaults, and sentence-transformers' files.
 MODEL_SIDE_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
-    "added_tokens.json", "preprocessor_config.json", "modules.json", "sentence_bert_config.json",
-    "config_sentence_transformers.json",
+    "added_tokens.json", "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "modules.json",
+    "sentence_bert_config.json", "config_sentence_transformers.json",
 )
 # A model directory's weights, in order of preference.
 MODEL_WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
@@ -48,6 +50,9 @@ class Checkpoint:
     format: str
     metas: dict[str, TensorMeta]
     side_files: dict[str, Location] = field(default_factory=dict)
+    # An untied LM head saved beside the embedding table that the base ties it to: table key -> the
+    # head's metadata, compared with the table as it is read (merging/tied_heads.py).
+    tied_duplicates: dict[str, TensorMeta] = field(default_factory=dict)
     _files: dict[str, Location] = field(default_factory=dict)  # file key -> location
     _handles: dict = field(default_factory=dict)
     _torch_state: dict | None = None
@@ -59,11 +64,21 @@ class Checkpoint:
     def data_files(self) -> dict[str, Location]:
         return dict(self._files)
 
-    def read(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The tensor ``key`` in fresh memory, or read into ``out`` (contiguous CPU, same dtype and shape)."""
-        meta = self.metas[key]
+    def read(self, key: str, out: torch.Tensor | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor ``key`` in fresh memory, or read into ``out`` (contiguous CPU, same dtype and
+        shape). With ``rows = (start, stop)`` only those rows of its first dimension: one
+        contiguous byte range of a safetensors file."""
+        return self.read_meta(self.metas[key], out, rows)
+
+    def read_meta(self, meta: TensorMeta, out: torch.Tensor | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """``read`` of the tensor that ``meta`` describes (a key's, or one set aside like ``tied_duplicates``)."""
+        key = meta.key
+        if rows is not None:
+            meta = rows_of(meta, *rows)
         if self.format == "torch":
             src = self._torch(meta.file)[key].detach()
+            if rows is not None:
+                src = src[rows[0]:rows[1]]
             return src.clone().contiguous() if out is None else out.copy_(src)
         with self._lock:
             f = self._handles.get(meta.file)

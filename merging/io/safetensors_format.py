@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import struct
@@ -90,6 +91,16 @@ def parse_header(raw: bytes, where: str, file_size: int | None) -> tuple[dict[st
     if file_size is not None and 8 + n + data_end > file_size:
         raise CorruptCheckpointError(f"{where}: truncated: header promises {8 + n + data_end} bytes, file has {file_size}")
     return metas, {str(k): str(v) for k, v in metadata.items()}
+
+
+def rows_of(meta: TensorMeta, start: int, stop: int) -> TensorMeta:
+    """The metadata of rows ``[start, stop)`` of a tensor (its first dimension): for a row-major
+    tensor, one contiguous byte range inside the tensor's own."""
+    if not meta.shape or not 0 <= start <= stop <= meta.shape[0]:
+        raise ValueError(f"rows {start}..{stop} out of range for tensor {meta.key!r} of shape {list(meta.shape)}")
+    row_bytes = math.prod(meta.shape[1:]) * meta.dtype.itemsize
+    return dataclasses.replace(meta, shape=(stop - start, *meta.shape[1:]), start=meta.start + start * row_bytes,
+                               nbytes=(stop - start) * row_bytes)
 
 
 def _is_int(x) -> bool:

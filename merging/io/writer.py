@@ -128,19 +128,39 @@ class ShardedWriter:
             self.abort()
             raise
         self.written: set[str] = set()
+        self._rows_written: dict[str, int] = {}  # key -> rows written so far, while it arrives in row blocks
 
-    def write(self, key: str, tensor: torch.Tensor) -> None:
+    def write(self, key: str, tensor: torch.Tensor, start_row: int | None = None) -> None:
+        """Write ``tensor`` as ``key``, cast to its planned dtype; with ``start_row``, ``tensor`` is
+        rows ``[start_row, start_row + len(tensor))`` of the key (row blocks arrive in any order,
+        and the key counts as written once every row has been)."""
         shard, offset, dtype, shape = self.location[key]
-        if tuple(tensor.shape) != shape:
-            raise OutputError(f"internal: tensor {key!r} has shape {list(tensor.shape)}, planned {list(shape)}")
         if key in self.written:
             raise OutputError(f"internal: tensor {key!r} written twice")  # its bytes may be hashed already
+        if start_row is None:
+            expected = shape
+        else:
+            expected = (tensor.shape[0], *shape[1:]) if tensor.ndim else ()
+            if not shape or start_row < 0 or start_row + tensor.shape[0] > shape[0]:
+                raise OutputError(f"internal: rows {start_row}.. of tensor {key!r} outside its planned shape {list(shape)}")
+            offset += start_row * math.prod(shape[1:]) * dtype.itemsize
+        if tuple(tensor.shape) != tuple(expected):
+            raise OutputError(f"internal: tensor {key!r} has shape {list(tensor.shape)}, planned {list(expected)}")
         t = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
         nbytes = t.numel() * t.element_size()
         if nbytes:
             _pwrite_all(self._fds[shard], memoryview(t.reshape(-1).view(torch.uint8).numpy()), offset)
-        self.written.add(key)
+        if start_row is None or self._rows_done(key, tensor.shape[0], shape[0]):
+            self.written.add(key)
         self._digests[shard].wrote(offset, offset + nbytes)
+
+    def _rows_done(self, key: str, rows: int, total: int) -> bool:
+        done = self._rows_written.get(key, 0) + rows
+        if done >= total:
+            self._rows_written.pop(key, None)
+            return True
+        self._rows_written[key] = done
+        return False
 
     def close(self) -> list[str]:
         """Close all shards; write the index for sharded output. Returns the file names written;

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from merging.alpha import AlphaSearch
 from merging.calibration import CalibrationSet
-from merging.roles import NON_MATRIX_2D_ROLES, Role, RoleInfo
+from merging.roles import NON_MATRIX_2D_ROLES, Role, RoleInfo, is_matrix
 
 
 class MethodParams(BaseModel):
@@ -34,12 +34,32 @@ class MethodParams(BaseModel):
                          description="Scale of the merged task vector: θ = θ0 + α·τ_merged.")
 
 
+@dataclass(frozen=True)
+class RowBlock:
+    """Rows ``[start, stop)`` of a key with ``rows`` rows (its first dimension, as stored)."""
+    start: int
+    stop: int
+    rows: int
+
+    @property
+    def first(self) -> bool:
+        return self.start == 0
+
+    @property
+    def last(self) -> bool:
+        return self.stop == self.rows
+
+
 @dataclass
 class TensorJob:
     key: str
     role: RoleInfo
     taus: torch.Tensor  # (T, *shape) task vectors θ_t − θ0
     index: int = 0  # position in the plan (used to derive per-key seeds and progress)
+    # Set when the key is merged in row blocks (only for keys the method calls ``row_blockable``):
+    # ``taus`` then holds those rows as stored (never transposed), and ``merge`` returns the same rows.
+    block: RowBlock | None = None
+    draws: Any = None  # what ``MergeMethod.draw`` returned for this job (DARE's masks)
 
     @property
     def is_matrix(self) -> bool:
@@ -120,6 +140,25 @@ class MergeMethod:
     def merge(self, job: TensorJob) -> torch.Tensor:
         raise NotImplementedError
 
+    # -- memory: row blocks -----------------------------------------------------------------
+    # Arrays the size of a job's stacked task vectors that ``merge`` allocates at its peak, beyond
+    # the task vectors themselves (TIES: the trimmed copy, |τ| and the masks): the engine sizes row
+    # blocks, and preflight estimates a job's peak, from it.
+    working_copies: ClassVar[float] = 1.0
+
+    def row_blockable(self, role: RoleInfo, shape: tuple[int, ...]) -> bool:
+        """Whether rows [a, b) of this key's merge depend only on rows [a, b) of its task vectors,
+        so that the engine may merge a key too large for the memory budget in row blocks (and run
+        the pre-passes over them). Element-wise methods say yes; a method that needs the whole
+        matrix (an SVD, a per-tensor ranking) says no for those keys."""
+        return False
+
+    def draw(self, job: TensorJob) -> Any:
+        """Random draws for ``job``, made on the reading thread in plan and row order (so a key
+        merged in row blocks draws the same stream as when merged whole); ``merge`` finds them in
+        ``job.draws``. Methods without randomness draw nothing."""
+        return None
+
     def alpha_scaled(self, job: TensorJob) -> bool:
         """Whether this key is written as θ0 + α·τ (True) or θ0 + τ (False, e.g. ESM's non-ESD keys)."""
         return True
@@ -158,8 +197,13 @@ class MatrixMethod(MergeMethod):
     """The SVD methods' shape: matrices (``job.is_matrix``) go to ``merge_matrix``; every other
     tensor is the arithmetic mean of its task vectors (ALGORITHMS.md §0)."""
 
+    working_copies = 3.0  # float64 Grams, eigenvectors and polar factors of the matrix keys
+
     def merge(self, job: TensorJob) -> torch.Tensor:
         return self.merge_matrix(job) if job.is_matrix else job.taus.mean(0)
+
+    def row_blockable(self, role: RoleInfo, shape: tuple[int, ...]) -> bool:
+        return not is_matrix(role, shape)  # the mean is element-wise; a matrix's SVD needs all of it
 
     def merge_matrix(self, job: TensorJob) -> torch.Tensor:
         raise NotImplementedError

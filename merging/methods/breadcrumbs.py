@@ -29,6 +29,9 @@ class Breadcrumbs(MergeMethod):
     alpha_search = SUM_GRID
     summary = "Drop each task vector's largest (γ) and smallest entries, keeping `density`; then Task Arithmetic."
     Params = BreadcrumbsParams
+    # the int64 sort order and ranks (two float32-sized arrays each), |τ| and the mask: it ranks every
+    # entry of a tensor, so it is never cut into row blocks (MergeMethod.row_blockable)
+    working_copies = 5.5
 
     def merge(self, job: TensorJob):
         flat = job.taus.reshape(job.taus.shape[0], -1)

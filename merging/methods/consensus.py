@@ -38,6 +38,7 @@ class Consensus(SumMethod):
     summary = "Task Arithmetic restricted to entries that at least k TALL masks keep; optional Subspace Boosting."
     Params = ConsensusParams
     validation_searched = ("lambda",)
+    working_copies = 3.0  # |τ|, the leave-one-out sums and their |·|, the masks
 
     @classmethod
     def check_experts(cls, params: ConsensusParams, n: int) -> str | None:

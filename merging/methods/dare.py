@@ -1,6 +1,6 @@
 """DARE (Yu et al., 2024): randomly drop a fraction p of each task vector's entries, rescale by
 1/(1−p), then add the task vectors (Task Arithmetic). Seeded per (seed, key, expert), so the
-result does not depend on the order or device the keys are processed on."""
+result does not depend on the order or device the keys are processed on, nor on row blocks."""
 from __future__ import annotations
 
 import hashlib
@@ -9,8 +9,9 @@ import torch
 from pydantic import Field
 
 from merging.alpha import SUM_GRID
-from merging.methods.base import MergeMethod, MethodParams, TensorJob
+from merging.methods.base import MergeContext, MergeMethod, MethodParams, TensorJob
 from merging.methods.registry import register
+from merging.roles import RoleInfo
 
 
 class DareParams(MethodParams):
@@ -31,13 +32,36 @@ class Dare(MergeMethod):
     alpha_search = SUM_GRID
     summary = "Drop-and-rescale each task vector at random (seeded), then Task Arithmetic."
     Params = DareParams
+    working_copies = 0.5  # the keep masks (bool) and one expert's masked rows at a time
+
+    def __init__(self, params: DareParams, ctx: MergeContext):
+        super().__init__(params, ctx)
+        self._generators: dict[str, list[torch.Generator]] = {}  # key -> one per expert, while its row blocks are drawn
+
+    def row_blockable(self, role: RoleInfo, shape: tuple[int, ...]) -> bool:
+        # Masks are drawn in the merge's (out, in) order; a transposed key's stored rows are its columns.
+        return not (role.transposed and len(shape) == 2)
+
+    def draw(self, job: TensorJob) -> torch.Tensor:
+        """The keep masks of ``job`` (T, *rows), drawn on CPU so every device gets the same ones. A
+        key in row blocks continues one generator per expert from block to block: torch draws
+        element by element, so the blocks' masks are exactly the whole key's."""
+        block = job.block
+        if block is None or block.first:
+            gens = [torch.Generator().manual_seed(key_seed(self.params.seed, job.key, t)) for t in range(job.taus.shape[0])]
+            if block is not None:
+                self._generators[job.key] = gens
+        else:
+            gens = self._generators[job.key]
+        if block is not None and block.last:
+            del self._generators[job.key]
+        return torch.stack([torch.rand(job.taus.shape[1:], generator=g) >= self.params.p for g in gens])
 
     def merge(self, job: TensorJob):
         p = self.params.p
+        keep = (job.draws if job.draws is not None else self.draw(job)).to(job.taus.device)
         out = torch.zeros_like(job.taus[0])
         for t in range(job.taus.shape[0]):
-            g = torch.Generator().manual_seed(key_seed(self.params.seed, job.key, t))
-            keep = torch.rand(job.taus.shape[1:], generator=g) >= p  # drawn on CPU: identical on every device
-            tau = job.taus[t] * keep.to(job.taus.device)
+            tau = job.taus[t] * keep[t]
             out += tau / (1 - p) if self.params.rescale else tau
         return out

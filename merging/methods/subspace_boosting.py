@@ -48,7 +48,14 @@ def apply_subspace_boosting(merged: torch.Tensor, role: RoleInfo, params: Subspa
         return merged
     if role.role in QKV_ROLES:
         beta = params.attention_beta
-        if role.role == Role.attn_qkv and params.split_qkv and merged.shape[0] % 3 == 0:
-            return torch.cat([boost_matrix(b, beta, params.mode) for b in merged.chunk(3, dim=0)], dim=0)
+        spans = role.part_spans(merged.shape[0]) if role.role == Role.attn_qkv and params.split_qkv else None
+        if spans is not None:
+            # Q, K and V each boosted as its own matrix: gathered by the fused layout's row spans
+            # (equal thirds, Phi-3's sizes from the config, or GPT-NeoX's per-head blocks), and put back.
+            out = merged.clone()
+            for part in spans:
+                rows = torch.cat([torch.arange(a, b, device=merged.device) for a, b in part])
+                out[rows] = boost_matrix(merged[rows], beta, params.mode)
+            return out
         return boost_matrix(merged, beta, params.mode)
     return boost_matrix(merged, params.beta, params.mode)

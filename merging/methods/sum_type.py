@@ -9,7 +9,7 @@ from pydantic import Field
 from merging.alpha import SUM_GRID
 from merging.methods.base import MergeMethod, MethodParams, SarBasis, TensorJob
 from merging.methods.subspace_boosting import SubspaceBoostingParams, apply_subspace_boosting
-from merging.roles import Role
+from merging.roles import Role, RoleInfo, is_matrix
 
 
 class SumMethodParams(MethodParams):
@@ -29,6 +29,10 @@ class SumMethod(MergeMethod):
     """Base of the sum-type methods with optional Subspace Boosting (not a method itself)."""
     Params = SumMethodParams
     alpha_search = SUM_GRID
+
+    def row_blockable(self, role: RoleInfo, shape: tuple[int, ...]) -> bool:
+        # element-wise, except that Subspace Boosting takes the SVD of each merged matrix
+        return self.params.subspace_boosting is None or not is_matrix(role, shape)
 
     @classmethod
     def sar_basis(cls, params: SumMethodParams, role: Role | None) -> SarBasis:

@@ -17,6 +17,7 @@ class TaskArithmetic(SumMethod):
     name = "task_arithmetic"
     summary = "Sum of task vectors scaled by α (Ilharco et al. 2023); optional Subspace Boosting."
     Params = TaskArithmeticParams
+    working_copies = 0.0  # the sum is one row block
 
     def merge(self, job: TensorJob):
         return boost(job.taus.sum(0), job, self.params)

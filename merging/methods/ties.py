@@ -39,6 +39,7 @@ class Ties(SumMethod):
     summary = "Trim to the top-k% magnitudes (global threshold), elect signs by mass, disjoint mean or sum."
     Params = TiesParams
     prepasses = 3
+    working_copies = 5.0  # the pre-passes' |τ| and its bit patterns in int64 (two of them); the merge's trimmed copy and masks
 
     def __init__(self, params: TiesParams, ctx: MergeContext):
         super().__init__(params, ctx)

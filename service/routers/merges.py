@@ -164,7 +164,7 @@ async def validate(request: Request, tenant: TenantDep, settings: SettingsDep, s
 def _dry_run(spec: MergeSpec, settings, storage: Storage) -> ValidationReport:
     """merging.preflight: checkpoint headers, plan, calibration coverage, the method's own checks."""
     try:
-        pf = preflight(spec, io=job_io_config(settings, storage))
+        pf = preflight(spec, io=job_io_config(settings, storage), memory_budget=settings.memory_budget)
     except MergeError as e:
         return ValidationReport(valid=False, error=ErrorInfo(code=e.code, message=redact_text(str(e)), field=e.field))
     plan = pf.plan
@@ -177,7 +177,8 @@ def _dry_run(spec: MergeSpec, settings, storage: Storage) -> ValidationReport:
                     "copied": sum(p.action == "copy" for p in plan)},
         "roles": dict(Counter(p.role.role.value for p in plan).most_common()),
         "copied": [{"key": p.key, "reason": p.reason} for p in plan if p.action == "copy"][:100],
-        "output_bytes": sum(int(torch.Size(p.shape).numel()) * p.out_dtype.itemsize for p in plan),
+        "output_bytes": sum(int(torch.Size(p.out_shape).numel()) * p.out_dtype.itemsize for p in plan),
+        "memory": pf.memory.report(plan),
     }
     return ValidationReport(valid=True, summary=summary)
 
