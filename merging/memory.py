@@ -9,7 +9,7 @@ budget is refused before any tensor is read, naming the key.
 
 Estimates are per job: the T task vectors in the compute dtype, the method's working copies of
 them (``MergeMethod.working_copies``), the base, the merged task vector, c·τ and θ0 + c·τ, and
-one expert's rows as read before the cast. ``docs/ENGINE.md`` states them per method.
+the inputs as read when they are stored in another dtype (cast by the worker). ``docs/ENGINE.md`` states them per method.
 """
 from __future__ import annotations
 
@@ -78,7 +78,9 @@ def peak_bytes(item: PlanItem, n_experts: int, dtype: torch.dtype, method: type[
     per_row = math.prod(item.shape[1:]) if item.shape else 1
     elements = per_row * ((item.shape[0] if item.shape else 1) if rows is None else rows)
     stacked = n_experts * (1 + method.working_copies)
-    return int(elements * (dtype.itemsize * (stacked + 4) + item.in_dtype.itemsize))
+    # inputs in another dtype (bf16 checkpoints) are held as read until a worker casts them
+    as_read = (n_experts + 1) * item.in_dtype.itemsize if item.in_dtype != dtype else 0
+    return int(elements * (dtype.itemsize * (stacked + 4)) + elements * as_read)
 
 
 # What a merging process holds besides the merge jobs: the interpreter, torch, the checkpoint headers
@@ -132,9 +134,10 @@ class MemoryPlan:
                 "row_blocked": blocked}
 
     def smallest_block_array(self, plan: list[PlanItem], dtype: torch.dtype) -> int | None:
-        """Bytes of the smallest one-tensor array of a row block (its base rows, its merged rows),
-        or None when no key is merged in row blocks."""
-        sizes = [math.prod(plan[i].shape[1:]) * (b[0].stop - b[0].start) * dtype.itemsize for i, b in self.blocks.items()]
+        """Bytes of the smallest one-tensor array of a row block (one expert's rows as read, its
+        base rows, its merged rows), or None when no key is merged in row blocks."""
+        sizes = [math.prod(plan[i].shape[1:]) * (b[0].stop - b[0].start) * min(dtype.itemsize, plan[i].in_dtype.itemsize)
+                 for i, b in self.blocks.items()]
         return min(sizes, default=None)
 
     def largest_task_vectors(self, items: list[PlanItem], n_experts: int, dtype: torch.dtype) -> int:

@@ -94,19 +94,42 @@ class TaskVectorLoader:
 
     def load(self, item: PlanItem, index: int, block: RowBlock | None = None) -> tuple[torch.Tensor, TensorJob]:
         """The base tensor and the merge job of ``item`` (``index``: its plan position): the whole
-        key oriented (out, in), or with ``block`` those rows as stored. Experts stored in another
-        floating dtype than the base are cast into the compute dtype like it."""
+        key oriented (out, in), or with ``block`` those rows as stored: ``prepare(read(...))``."""
+        return self.prepare(self.read(item, index, block))
+
+    def read(self, item: PlanItem, index: int, block: RowBlock | None = None) -> "ReadInputs":
+        """One job's inputs as stored: the reading half of ``load``, for the reading thread. Experts
+        in the compute dtype are read straight into the task-vector buffer; the others (bf16
+        checkpoints) are cast by ``prepare``, on a merge worker, so that reading never waits on it."""
         rows = None if block is None else (block.start, block.stop)
-        base = self.base.read(item.key, rows=rows).to(self.device, self.dtype)
+        base = self.base.read(item.key, rows=rows)
         taus, raw = self._task_buffer((len(self.experts), *base.shape))
+        stored: list[torch.Tensor | None] = []
         for i, ex in enumerate(self.experts):
             if self.device.type == "cpu" and ex.metas[item.key].dtype == self.dtype:
-                ex.read(item.key, out=taus[i], rows=rows)  # straight into the final buffer
+                ex.read(item.key, out=taus[i], rows=rows)
+                stored.append(None)
             else:
-                taus[i] = ex.read(item.key, rows=rows).to(self.device, self.dtype)
+                stored.append(ex.read(item.key, rows=rows))
+        if raw is not None:
+            self._owned[(index, rows)] = raw
+        return ReadInputs(item, index, block, base, stored, taus)
+
+    def prepare(self, inputs: "ReadInputs") -> tuple[torch.Tensor, TensorJob]:
+        """The computing half of ``load``: the inputs in the compute dtype, the task vectors formed
+        and checked (finite; an untied head against its table), oriented (out, in) when whole.
+        Experts stored in another floating dtype than the base are cast like it."""
+        item, block = inputs.item, inputs.block
+        rows = None if block is None else (block.start, block.stop)
+        base, taus = inputs.base.to(self.device, self.dtype), inputs.taus
+        for i, (ex, stored) in enumerate(zip(self.experts, inputs.experts)):
             if item.key in ex.tied_duplicates:
-                self._check_duplicate(ex, item.key, taus[i], rows)
-        taus -= base
+                self._check_duplicate(ex, item.key, taus[i] if stored is None else stored.to(self.device, self.dtype), rows)
+            if stored is None:
+                taus[i] -= base
+            else:  # cast and subtract in one pass, into the buffer (the same bits as casting first)
+                torch.sub(stored.to(self.device), base, out=taus[i])
+        inputs.experts = []  # the stored copies are not needed any more
         # NaN/Inf in any input makes the sum non-finite: one fused pass over the task vectors and the
         # base. (A finite but huge sum also fails this; then the exact check below decides.)
         if self.check_finite and not bool(torch.isfinite(taus.sum() + base.sum())):
@@ -114,15 +137,33 @@ class TaskVectorLoader:
                 self._explain_non_finite(item.key, rows)
         if block is None and item.role.transposed and len(item.shape) == 2:
             base, taus = base.mT, taus.mT
-        if raw is not None:
-            self._owned[(index, rows)] = raw
-        return base, TensorJob(item.key, item.role, taus, index, block)
+        return base, TensorJob(item.key, item.role, taus, inputs.index, block)
+
+
+@dataclass
+class ReadInputs:
+    """One merge job's inputs as read: the base and the experts as stored (None for an expert read
+    straight into ``taus``, the task-vector buffer)."""
+    item: PlanItem
+    index: int
+    block: RowBlock | None
+    base: torch.Tensor
+    experts: list[torch.Tensor | None]
+    taus: torch.Tensor
+
+    @property
+    def task_shape(self) -> tuple[int, ...]:
+        """One task vector's shape as the method sees it: oriented (out, in) when whole."""
+        shape = tuple(self.base.shape)
+        return shape[::-1] if self.block is None and self.item.role.transposed and len(shape) == 2 else shape
 
 
 def merged_weight(base: torch.Tensor, tau: torch.Tensor, coefficient: float, item: PlanItem,
                   block: RowBlock | None = None) -> torch.Tensor:
-    """θ0 + c·τ, back in the checkpoint's layout (row blocks are in it already)."""
-    out = base + coefficient * tau
+    """θ0 + c·τ, back in the checkpoint's layout (row blocks are in it already). Computed in
+    ``tau``'s memory (the same bits as ``base + c * tau``, without two more arrays): ``tau`` is
+    overwritten."""
+    out = tau.mul_(coefficient).add_(base)
     if block is None and item.role.transposed and len(item.shape) == 2:
         out = out.mT
     return out

@@ -153,9 +153,10 @@ class MergeMethod:
         matrix (an SVD, a per-tensor ranking) says no for those keys."""
         return False
 
-    def draw(self, job: TensorJob) -> Any:
-        """Random draws for ``job``, made on the reading thread in plan and row order (so a key
-        merged in row blocks draws the same stream as when merged whole); ``merge`` finds them in
+    def draw(self, key: str, task_shape: tuple[int, ...], n_experts: int, block: RowBlock | None) -> Any:
+        """Random draws for the job of ``key`` (``block`` of it; one task vector has ``task_shape``,
+        as ``merge`` sees it), made on the reading thread in plan and row order, so that a key
+        merged in row blocks draws the same stream as when merged whole; ``merge`` finds them in
         ``job.draws``. Methods without randomness draw nothing."""
         return None
 

@@ -9,7 +9,7 @@ import torch
 from pydantic import Field
 
 from merging.alpha import SUM_GRID
-from merging.methods.base import MergeContext, MergeMethod, MethodParams, TensorJob
+from merging.methods.base import MergeContext, MergeMethod, MethodParams, RowBlock, TensorJob
 from merging.methods.registry import register
 from merging.roles import RoleInfo
 
@@ -42,24 +42,24 @@ class Dare(MergeMethod):
         # Masks are drawn in the merge's (out, in) order; a transposed key's stored rows are its columns.
         return not (role.transposed and len(shape) == 2)
 
-    def draw(self, job: TensorJob) -> torch.Tensor:
-        """The keep masks of ``job`` (T, *rows), drawn on CPU so every device gets the same ones. A
-        key in row blocks continues one generator per expert from block to block: torch draws
-        element by element, so the blocks' masks are exactly the whole key's."""
-        block = job.block
+    def draw(self, key: str, task_shape: tuple[int, ...], n_experts: int, block: RowBlock | None) -> torch.Tensor:
+        """The keep masks of the job (T, *task_shape), drawn on CPU so every device gets the same
+        ones. A key in row blocks continues one generator per expert from block to block: torch
+        draws element by element, so the blocks' masks are exactly the whole key's."""
         if block is None or block.first:
-            gens = [torch.Generator().manual_seed(key_seed(self.params.seed, job.key, t)) for t in range(job.taus.shape[0])]
+            gens = [torch.Generator().manual_seed(key_seed(self.params.seed, key, t)) for t in range(n_experts)]
             if block is not None:
-                self._generators[job.key] = gens
+                self._generators[key] = gens
         else:
-            gens = self._generators[job.key]
+            gens = self._generators[key]
         if block is not None and block.last:
-            del self._generators[job.key]
-        return torch.stack([torch.rand(job.taus.shape[1:], generator=g) >= self.params.p for g in gens])
+            del self._generators[key]
+        return torch.stack([torch.rand(task_shape, generator=g) >= self.params.p for g in gens])
 
     def merge(self, job: TensorJob):
         p = self.params.p
-        keep = (job.draws if job.draws is not None else self.draw(job)).to(job.taus.device)
+        draws = job.draws if job.draws is not None else self.draw(job.key, tuple(job.taus.shape[1:]), job.taus.shape[0], job.block)
+        keep = draws.to(job.taus.device)
         out = torch.zeros_like(job.taus[0])
         for t in range(job.taus.shape[0]):
             tau = job.taus[t] * keep[t]
