@@ -19,12 +19,12 @@ from merging.errors import MergeError, OutputError, SpecError
 from merging.io.sources import IOConfig
 from merging.io.writer import Publisher, ShardedWriter
 from merging.linalg import all_finite
+from merging.memory import copy_blocks
 from merging.methods.base import MergeMethod, RowBlock, TensorJob
 from merging.plan import PlanItem, PreparedMerge, prepare
 from merging.progress import ProgressCallback, ProgressEmitter
 from merging.roles import NON_MATRIX_2D_ROLES
 from merging.spec import MergeSpec, load_spec
-from merging.memory import copy_blocks
 from merging.stream import MergePool, ReadInputs, Spill, TaskVector, TaskVectorLoader, merged_weight
 
 

@@ -187,3 +187,21 @@ def test_a_non_floating_expert_tensor_is_still_incompatible(tmp_path):
             "output": {"uri": str(tmp_path / "out")}}
     with pytest.raises(IncompatibleCheckpointsError, match=r"tensor 'w': expert 'expert1' has dtype I32, base has F32"):
         merging.merge(spec)
+
+
+def test_copied_tensors_larger_than_a_tenth_of_the_budget_pass_in_row_blocks(inputs, monkeypatch):
+    from merging.io.checkpoint import Checkpoint
+    reads = []
+    original = Checkpoint.read
+
+    def read(self, key, out=None, rows=None):
+        if key == "lm_head.weight" and self.label == "base":
+            reads.append(rows)
+        return original(self, key, out, rows)
+    monkeypatch.setattr(Checkpoint, "read", read)
+    merging.merge({**_spec(inputs, "task_arithmetic", "copied", memory_budget=BUDGET), "passthrough": ["lm_head.weight"]})
+    out = load_file(str(inputs / "copied" / "model.safetensors"))
+    base = load_file(str(inputs / "base.safetensors"))
+    assert torch.equal(out["lm_head.weight"], base["lm_head.weight"])
+    assert len(reads) > 1 and all(r is not None for r in reads)  # 2 MB in blocks of at most 1/10 MiB
+    assert reads[0][0] == 0 and reads[-1][1] == 8000
