@@ -173,9 +173,8 @@ def plan_memory(plan: list[PlanItem], n_experts: int, dtype: torch.dtype, method
                     "or list the key in passthrough", field="options.memory_budget")
             peaks[i] = whole
             continue
-        rows = item.shape[0]
-        per_block = max(1, min(rows, share // max(1, peak_bytes(item, n_experts, dtype, method, rows=1))))
-        blocks[i] = [RowBlock(a, min(a + per_block, rows), rows) for a in range(0, rows, per_block)]
+        per_block = max(1, min(item.shape[0], share // max(1, peak_bytes(item, n_experts, dtype, method, rows=1))))
+        blocks[i] = _row_blocks(item.shape[0], per_block)
         peaks[i] = peak_bytes(item, n_experts, dtype, method, rows=per_block)
     return MemoryPlan(budget, workers, blocks, peaks)
 
@@ -185,6 +184,9 @@ def copy_blocks(shape: tuple[int, ...], itemsize: int, budget: int) -> list[RowB
     nbytes = math.prod(shape) * itemsize
     if not shape or nbytes <= budget // 10:
         return None
-    rows = shape[0]
-    per_block = max(1, (budget // 10) // max(1, nbytes // rows))
+    return _row_blocks(shape[0], max(1, (budget // 10) // max(1, nbytes // shape[0])))
+
+
+def _row_blocks(rows: int, per_block: int) -> list[RowBlock]:
+    """Rows ``[0, rows)`` in blocks of ``per_block`` (the last one shorter)."""
     return [RowBlock(a, min(a + per_block, rows), rows) for a in range(0, rows, per_block)]

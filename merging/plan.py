@@ -4,14 +4,13 @@ no side effects (``submerge validate``, the service's ``:validate``)."""
 from __future__ import annotations
 
 import fnmatch
-import json
 from dataclasses import dataclass, field
 
 import torch
 
 from merging import vocab
 from merging.calibration import open_calibration
-from merging.errors import IncompatibleCheckpointsError, MergeError, SpecError
+from merging.errors import IncompatibleCheckpointsError, InputError, MergeError, SpecError
 from merging.io.checkpoint import Checkpoint, open_checkpoint
 from merging.io.safetensors_format import TensorMeta, rows_of
 from merging.io.sources import IOConfig
@@ -71,14 +70,10 @@ def open_inputs(spec: MergeSpec, cfg: IOConfig) -> tuple[Checkpoint, list[Checkp
 
 def _model_config(base: Checkpoint) -> dict | None:
     """The base's config.json, when it has one that parses: it settles fused Q/K/V layouts (roles.py)."""
-    loc = base.side_files.get("config.json")
-    if loc is None:
-        return None
     try:
-        config = json.loads(loc.read_all())
-    except (MergeError, ValueError, OSError):
+        return base.side_json("config.json")
+    except InputError:
         return None  # a config the plan cannot use leaves the layouts to the key names, as without one
-    return config if isinstance(config, dict) else None
 
 
 def build_plan(spec: MergeSpec, base: Checkpoint, experts: list[Checkpoint]) -> tuple[list[PlanItem], dict[str, bytes]]:

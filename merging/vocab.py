@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from merging.errors import IncompatibleCheckpointsError, InputError, MergeError
+from merging.errors import IncompatibleCheckpointsError, InputError
 from merging.io.checkpoint import Checkpoint
 from merging.io.safetensors_format import TensorMeta, rows_of
 from merging.roles import Role, RoleInfo
@@ -69,20 +69,9 @@ def truncate(expert: Checkpoint, key: str, base_rows: int) -> None:
     expert.metas[key] = rows_of(expert.metas[key], 0, base_rows)
 
 
-def _tokenizer(ckpt: Checkpoint) -> dict | None:
-    loc = ckpt.side_files.get("tokenizer.json")
-    if loc is None:
-        return None
-    try:
-        data = json.loads(loc.read_all())
-    except (MergeError, ValueError, OSError):
-        raise InputError(f"{ckpt.label}: tokenizer.json is not readable JSON ({loc.uri})", field="options.vocab") from None
-    return data if isinstance(data, dict) else None
-
-
 def token_names(ckpt: Checkpoint, ids: range) -> dict[int, dict]:
     """The tokenizer.json entries of ``ids`` that ``ckpt``'s tokenizer names (added tokens, else the model's vocab)."""
-    tok = _tokenizer(ckpt)
+    tok = ckpt.side_json("tokenizer.json", field="options.vocab")
     if tok is None:
         return {}
     found = {e["id"]: e for e in tok.get("added_tokens", []) if isinstance(e, dict) and e.get("id") in ids}
@@ -125,21 +114,15 @@ def build_union(base: Checkpoint, experts: list[Checkpoint], base_rows: int, exp
 def union_side_files(base: Checkpoint, union: VocabUnion) -> dict[str, bytes]:
     """The base's tokenizer and config files with the appended tokens (what the output gets instead)."""
     out: dict[str, bytes] = {}
-    tok = _tokenizer(base) or {}
+    tok = base.side_json("tokenizer.json", field="options.vocab") or {}
     entries = [{**t.entry, "id": union.base_rows + i} for i, t in enumerate(union.tokens)]
     tok["added_tokens"] = [*tok.get("added_tokens", []), *entries]
     out["tokenizer.json"] = json.dumps(tok, ensure_ascii=False, indent=2).encode()
     for name, update in (("tokenizer_config.json", _tokenizer_config), ("added_tokens.json", _added_tokens_json),
                          ("config.json", _config)):
-        loc = base.side_files.get(name)
-        if loc is None:
-            continue
-        try:
-            data = json.loads(loc.read_all())
-        except ValueError:
-            raise InputError(f"base: {name} is not valid JSON ({loc.uri}); options.vocab 'union' must update it",
-                             field="options.vocab") from None
-        out[name] = json.dumps(update(data, entries, union.rows), ensure_ascii=False, indent=2).encode()
+        data = base.side_json(name, field="options.vocab")
+        if data is not None:
+            out[name] = json.dumps(update(data, entries, union.rows), ensure_ascii=False, indent=2).encode()
     return out
 
 

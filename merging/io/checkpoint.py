@@ -64,6 +64,19 @@ class Checkpoint:
     def data_files(self) -> dict[str, Location]:
         return dict(self._files)
 
+    def side_json(self, name: str, field: str | None = None) -> dict | None:
+        """The side file ``name`` (config.json, tokenizer.json, ...) as a JSON object; None when the
+        checkpoint has no such file or it holds another JSON value. Unreadable or invalid JSON is an
+        ``InputError`` naming the checkpoint and the file (``field``: the spec field that needed it)."""
+        loc = self.side_files.get(name)
+        if loc is None:
+            return None
+        try:
+            data = json.loads(loc.read_all())
+        except (MergeError, ValueError, OSError):
+            raise InputError(f"{self.label}: {name} is not readable JSON ({loc.uri})", field=field) from None
+        return data if isinstance(data, dict) else None
+
     def read(self, key: str, out: torch.Tensor | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The tensor ``key`` in fresh memory, or read into ``out`` (contiguous CPU, same dtype and
         shape). With ``rows = (start, stop)`` only those rows of its first dimension: one
