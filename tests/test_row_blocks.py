@@ -205,3 +205,11 @@ def test_copied_tensors_larger_than_a_tenth_of_the_budget_pass_in_row_blocks(inp
     assert torch.equal(out["lm_head.weight"], base["lm_head.weight"])
     assert len(reads) > 1 and all(r is not None for r in reads)  # 2 MB in blocks of at most 1/10 MiB
     assert reads[0][0] == 0 and reads[-1][1] == 8000
+
+
+def test_a_budget_below_one_mebibyte_is_a_spec_error(inputs):
+    from merging.errors import SpecError
+    with pytest.raises(SpecError, match=r"options.memory_budget.*at least 1 MiB"):
+        merging.merge(_spec(inputs, "task_arithmetic", "tiny", memory_budget="512KiB"))
+    with pytest.raises(SpecError, match=r"options.memory_budget.*not a size"):
+        merging.merge(_spec(inputs, "task_arithmetic", "tiny", memory_budget="lots"))

@@ -128,3 +128,16 @@ def test_vocab_union_needs_the_added_rows_named(family, tmp_path):
     spec["experts"] = [{"uri": str(odd), "name": "odd"}, {"uri": str(family / "tools"), "name": "tools"}]
     with pytest.raises(InputError, match=r"expert 'odd''s tokenizer.json does not name row 101 \(of 102; the base has 100\)"):
         merging.merge(spec)
+
+
+def test_vocab_union_needs_a_base_tokenizer_to_add_the_tokens_to(family, tmp_path):
+    import shutil
+    bare = tmp_path / "bare-base"
+    shutil.copytree(family / "base", bare)
+    (bare / "tokenizer.json").unlink()
+    spec = _spec(family, "no-tok", "union")
+    spec["base"] = {"uri": str(bare)}
+    with pytest.raises(InputError, match=r"options.vocab: 'union' writes the added tokens into the base's tokenizer.json, "
+                                         r"and the base \(.*bare-base\) has none") as e:
+        merging.merge(spec)
+    assert e.value.field == "options.vocab"
