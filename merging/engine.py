@@ -7,6 +7,7 @@ import concurrent.futures
 import math
 import os
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -23,7 +24,6 @@ from merging.memory import copy_blocks
 from merging.methods.base import MergeMethod, RowBlock, TensorJob
 from merging.plan import PlanItem, PreparedMerge, prepare
 from merging.progress import ProgressCallback, ProgressEmitter
-from merging.roles import NON_MATRIX_2D_ROLES
 from merging.spec import MergeSpec, load_spec
 from merging.stream import MergePool, ReadInputs, Spill, TaskVector, TaskVectorLoader, merged_weight
 
@@ -67,7 +67,7 @@ def merge(spec: MergeSpec | dict, progress: ProgressCallback | None = None, *,
         publisher.check_target()
         prepared = prepare(spec, cfg, calibration_files, memory_budget=memory_budget)
         method, ctx = prepared.method, prepared.method.ctx
-        collector = _diagnostics_collector(spec, method, prepared.plan)
+        collector = _diagnostics_collector(spec, prepared)
         publisher.stage()
         timings["inspect"] = time.perf_counter() - t0
         emit("inspect", 1, 1)
@@ -75,7 +75,8 @@ def merge(spec: MergeSpec | dict, progress: ProgressCallback | None = None, *,
         input_hashes = hash_inputs(hasher, [prepared.base, *prepared.experts], cfg.cache_dir)
         writer = ShardedWriter(publisher.staging, [(p.key, p.out_dtype, p.out_shape) for p in prepared.plan], spec.output.shard_size)
         largest_taus = prepared.memory.largest_task_vectors(prepared.plan, len(prepared.experts), ctx.dtype)
-        loader = TaskVectorLoader(prepared.base, prepared.experts, ctx.device, ctx.dtype, spec.options.check_finite, largest_taus)
+        loader = TaskVectorLoader(prepared.base, prepared.experts, ctx.device, ctx.dtype, spec.options.check_finite, largest_taus,
+                                  prepared.memory.tile_bytes)
         # A merge in row blocks is one that memory bounds: its freed block arrays go back to the system.
         blocks = prepared.memory.smallest_block_array(prepared.plan, ctx.dtype)
         with torch.no_grad(), heap.unmap_freed_arrays(method.unmap_freed_arrays or blocks is not None,
@@ -103,6 +104,7 @@ def merge(spec: MergeSpec | dict, progress: ProgressCallback | None = None, *,
         emit("done", 1, 1)
         return MergeResult(spec.output.uri, files, manifest, timings, diagnostics)
     except BaseException as e:
+        _release_frames(e)
         publisher.abort()
         if isinstance(e, OSError) and not isinstance(e, MergeError):
             raise OutputError(f"I/O error while merging: {e}") from e
@@ -113,6 +115,17 @@ def merge(spec: MergeSpec | dict, progress: ProgressCallback | None = None, *,
         hasher.shutdown(wait=False, cancel_futures=True)
         if prepared is not None:
             prepared.close()
+
+
+def _release_frames(error: BaseException) -> None:
+    """Clear the locals of the finished frames that ``error`` (and the errors it chains) carries:
+    they hold the job's inputs, mapped from the checkpoint files (``Checkpoint.view``), whose
+    mappings and file descriptors would otherwise last as long as the caller keeps the error."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        error = error.__cause__ or error.__context__
 
 
 def _refuse_searches_left_to_the_caller(spec: MergeSpec, choose_alpha: Callable | None) -> None:
@@ -126,15 +139,14 @@ def _refuse_searches_left_to_the_caller(spec: MergeSpec, choose_alpha: Callable 
                         "the service or the `submerge merge` command, which evaluate the merged model", field=f"params.{name}")
 
 
-def _diagnostics_collector(spec: MergeSpec, method: MergeMethod, plan: list[PlanItem]) -> DiagnosticsCollector | None:
+def _diagnostics_collector(spec: MergeSpec, prepared: PreparedMerge) -> DiagnosticsCollector | None:
     """The diagnostics collector for this job (None when diagnostics are off)."""
-    if spec.options.diagnostics == "off":
+    sample = prepared.diagnostics
+    if sample is None:
         return None
-    matrix_keys = [p.key for p in plan if p.action == "merge" and len(p.shape) == 2 and p.role.role not in NON_MATRIX_2D_ROLES]
-    full = spec.options.diagnostics == "full"
-    return DiagnosticsCollector(spec.method, method.params.model_dump(mode="json", by_alias=True), spec.expert_names(),
-                                max_svd_layers=len(matrix_keys) if full else 24, plan_keys=matrix_keys,
-                                svd_fraction=1.0 if full else 0.08)  # 8%: ViT-B/16 → 4 layers, one per role
+    return DiagnosticsCollector(spec.method, prepared.method.params.model_dump(mode="json", by_alias=True), spec.expert_names(),
+                                max_svd_layers=sample.max_svd_layers, plan_keys=sample.plan_keys,
+                                svd_fraction=sample.svd_fraction, min_svd_layers=sample.min_svd_layers)
 
 
 def _finish_diagnostics(collector: DiagnosticsCollector | None, method: MergeMethod,
@@ -159,6 +171,10 @@ def _prepasses(prepared: PreparedMerge, loader: TaskVectorLoader, emit: Progress
                 continue
             emit(f"prepass {p_index + 1}/{method.prepasses}", i, len(plan), item.key)
             for block in blocks.get(i, [None]):
+                if i in prepared.memory.tiled:  # what a method observes adds up over rows: tiles will do
+                    for _, tile in loader.tiles(loader.read(item, i, block, tiled=True)):
+                        method.observe(p_index, tile)
+                    continue
                 method.observe(p_index, loader.load(item, i, block)[1])
                 loader.release(i, block)
         method.end_pass(p_index)
@@ -203,7 +219,7 @@ class _MergePass:
                 self._blocks_left[i] = len(blocks) if blocks else 1
                 for block in blocks or [None]:
                     pool.make_room(memory.peaks[i])
-                    inputs = self.loader.read(item, i, block)  # reading only: the casts run on the worker
+                    inputs = self.loader.read(item, i, block, tiled=i in memory.tiled)  # reading only: the casts run on the worker
                     draws = self.method.draw(item.key, inputs.task_shape, len(self.prepared.experts), block)  # in order, here
                     pool.submit((i, block.start if block else 0), memory.peaks[i], self.compute, inputs, draws)
                     del inputs  # the job alone holds its inputs: freed as soon as it finishes
@@ -234,6 +250,8 @@ class _MergePass:
         self.writer.write(item.key, torch.cat(rows), start_row=item.shape[0])
 
     def compute(self, inputs: ReadInputs, draws: Any) -> _Merged:
+        if inputs.taus is None:
+            return self._compute_tiles(inputs, draws)
         item = inputs.item
         base_t, job = self.loader.prepare(inputs)
         del inputs
@@ -253,6 +271,32 @@ class _MergePass:
             out = merged_weight(base_t, merged, coefficient, item, job.block).to(device="cpu", dtype=item.out_dtype)
             return _Merged(out, coefficient, None, None, alpha_scaled, job.block)
         return _Merged(merged.cpu(), coefficient, group, float(torch.linalg.vector_norm(merged)), alpha_scaled, job.block)
+
+    def _compute_tiles(self, inputs: ReadInputs, draws: Any) -> _Merged:
+        """``compute`` for a job read for tiles (``TaskVectorLoader.tiles``): each tile is merged,
+        checked, observed and written into the job's result, θ0 + c·τ in the output dtype (or τ in
+        the compute dtype when held back), as the whole job would be."""
+        item, block = inputs.item, inputs.block
+        offset = 0 if block is None else block.start
+        out: torch.Tensor | None = None
+        for base_t, job in self.loader.tiles(inputs, draws):
+            merged = self.method.merge(job)
+            if not all_finite(merged):
+                raise MergeError(f"method {self.method.name!r} produced NaN/Inf for tensor {item.key!r} "
+                                 f"(rows {job.block.start}..{job.block.stop})", code="numerical_failure")
+            if self.collector is not None:
+                self.collector.observe(job, merged)
+            if out is None:  # what the job's tiles have in common, from its first
+                coefficient, alpha_scaled = self.method.coefficient(job), self.method.alpha_scaled(job)
+                group = self.method.rescale_group(job)
+                if group is None and self.hold_every_key:
+                    group = ""
+                out = torch.empty(inputs.base.shape, dtype=item.out_dtype if group is None else merged.dtype)
+            rows = slice(job.block.start - offset, job.block.stop - offset)
+            out[rows].copy_(merged if group is not None else merged.mul_(coefficient).add_(base_t))  # merged_weight's bits
+        del inputs
+        norm = None if group is None else float(torch.linalg.vector_norm(out))
+        return _Merged(out, coefficient, group, norm, alpha_scaled, block)
 
     def store(self, position: tuple[int, int], result: _Merged) -> None:
         index = position[0]

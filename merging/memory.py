@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,6 +25,24 @@ from merging.methods.base import MergeMethod, RowBlock
 
 if TYPE_CHECKING:  # plan imports this module for preflight
     from merging.plan import PlanItem
+
+
+# The compute-dtype arrays of one tile (the T task vectors, the base rows, the merged rows) should
+# stay in the last-level cache beside the other workers' tiles (32 MiB L3 shared by the 2-vCPU EPYC
+# VMs that bench/RESULTS.md measures on). A tile costs ~40 torch calls whatever its size, which at
+# 1 MiB was as much time as the arithmetic: 8B-shaped Task Arithmetic, T = 8, took 20.8 s with
+# 1 MiB tiles, 13.4 s with 4 MiB, 12.3 s with 8 MiB and 12.4 s with 16 MiB (2026-12-08).
+TILE_BYTES = 8 << 20
+
+
+def tile_rows(per_row: int, n_experts: int, itemsize: int, tile_bytes: int) -> int:
+    """Rows of one tile of ``tile_bytes`` (``TaskVectorLoader.tiles``) for rows of ``per_row`` elements."""
+    return max(1, tile_bytes // max(1, per_row * itemsize * (n_experts + 4)))
+
+
+def tile_size(budget: int, workers: int) -> int:
+    """Bytes of one tile: ``TILE_BYTES``, or a 32nd of a worker's share of a small budget."""
+    return max(16 << 10, min(TILE_BYTES, budget // max(1, workers) // 32))
 
 
 def default_workers() -> int:
@@ -73,10 +91,17 @@ def effective_budget(spec_budget: int | None, worker_budget: int | None) -> int:
 
 
 def peak_bytes(item: PlanItem, n_experts: int, dtype: torch.dtype, method: type[MergeMethod] | MergeMethod,
-               rows: int | None = None) -> int:
-    """The estimated peak memory of one merge job over ``rows`` rows of ``item`` (all by default)."""
+               rows: int | None = None, tiled: int = 0, held: bool = False) -> int:
+    """The estimated peak memory of one merge job over ``rows`` rows of ``item`` (all by default).
+    A job ``tiled`` (in tiles of that many bytes) holds its inputs as read and its output (in the compute
+    dtype when ``held`` back for an α search); its task vectors and the method's arrays are tile-sized."""
     per_row = math.prod(item.shape[1:]) if item.shape else 1
     elements = per_row * ((item.shape[0] if item.shape else 1) if rows is None else rows)
+    if tiled:  # the inputs as read and the output whole; a tile's task vectors, the method's copies, base and merged
+        out = dtype.itemsize if held else item.out_dtype.itemsize
+        tile = min(math.prod(item.shape), per_row * tile_rows(per_row, n_experts, dtype.itemsize, tiled))
+        return int(elements * ((n_experts + 1) * item.in_dtype.itemsize + out)
+                   + tile * dtype.itemsize * (n_experts * (1 + method.working_copies) + 2))
     stacked = n_experts * (1 + method.working_copies)
     # inputs in another dtype (bf16 checkpoints) are held as read until a worker casts them
     as_read = (n_experts + 1) * item.in_dtype.itemsize if item.in_dtype != dtype else 0
@@ -106,6 +131,8 @@ class MemoryPlan:
     workers: int
     blocks: dict[int, list[RowBlock]]  # plan index -> its row blocks, for keys merged in blocks
     peaks: dict[int, int]  # plan index -> estimated peak of one job (one block, for keys in blocks)
+    tiled: set[int] = field(default_factory=set)  # plan indices merged in cache-sized tiles
+    tile_bytes: int = TILE_BYTES
 
     @property
     def window(self) -> int:
@@ -142,7 +169,7 @@ class MemoryPlan:
 
     def largest_task_vectors(self, items: list[PlanItem], n_experts: int, dtype: torch.dtype) -> int:
         """Bytes of the largest job's stacked task vectors (the loader recycles buffers of this size)."""
-        sizes = [n_experts * dtype.itemsize * _elements(items[i], self.blocks.get(i)) for i in self.peaks]
+        sizes = [n_experts * dtype.itemsize * _elements(items[i], self.blocks.get(i)) for i in self.peaks if i not in self.tiled]
         return max(sizes, default=0)
 
 
@@ -154,16 +181,25 @@ def _elements(item: PlanItem, blocks: list[RowBlock] | None) -> int:
 
 
 def plan_memory(plan: list[PlanItem], n_experts: int, dtype: torch.dtype, method: MergeMethod, budget: int,
-                workers: int) -> MemoryPlan:
+                workers: int, tiles: bool = False, whole_keys: frozenset[str] = frozenset(), held: bool = False) -> MemoryPlan:
     """Row blocks for the keys whose job does not fit one worker's share of ``budget``; raises
-    ``MemoryBudgetError`` for a key that must be merged whole and does not fit the whole budget."""
+    ``MemoryBudgetError`` for a key that must be merged whole and does not fit the whole budget.
+    With ``tiles`` (on CPU), the keys the method merges row by row are merged in cache-sized tiles,
+    except ``whole_keys`` (those the diagnostics analyse whole) and a whole transposed matrix (its
+    stored rows are not the method's rows); ``held``: the merged keys are held back for an α search."""
     share = max(1, budget // max(1, workers))
+    tile_bytes = tile_size(budget, workers)
     blocks: dict[int, list[RowBlock]] = {}
     peaks: dict[int, int] = {}
+    tiled: set[int] = set()
     for i, item in enumerate(plan):
         if item.action != "merge":
             continue
-        whole = peak_bytes(item, n_experts, dtype, method)
+        if (tiles and item.shape and item.key not in whole_keys and method.row_blockable(item.role, item.shape)
+                and not (item.role.transposed and len(item.shape) == 2)):
+            tiled.add(i)
+        kind = {"tiled": tile_bytes if i in tiled else 0, "held": held}
+        whole = peak_bytes(item, n_experts, dtype, method, **kind)
         if whole <= share or not item.shape or not method.row_blockable(item.role, item.shape):
             if whole > budget:
                 raise MemoryBudgetError(
@@ -173,10 +209,12 @@ def plan_memory(plan: list[PlanItem], n_experts: int, dtype: torch.dtype, method
                     "or list the key in passthrough", field="options.memory_budget")
             peaks[i] = whole
             continue
-        per_block = max(1, min(item.shape[0], share // max(1, peak_bytes(item, n_experts, dtype, method, rows=1))))
+        fixed = peak_bytes(item, n_experts, dtype, method, rows=0, **kind)
+        per_row = max(1, peak_bytes(item, n_experts, dtype, method, rows=1, **kind) - fixed)
+        per_block = max(1, min(item.shape[0], max(0, share - fixed) // per_row))
         blocks[i] = _row_blocks(item.shape[0], per_block)
-        peaks[i] = peak_bytes(item, n_experts, dtype, method, rows=per_block)
-    return MemoryPlan(budget, workers, blocks, peaks)
+        peaks[i] = peak_bytes(item, n_experts, dtype, method, rows=per_block, **kind)
+    return MemoryPlan(budget, workers, blocks, peaks, tiled, tile_bytes)
 
 
 def copy_blocks(shape: tuple[int, ...], itemsize: int, budget: int) -> list[RowBlock] | None:

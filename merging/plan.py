@@ -10,6 +10,7 @@ import torch
 
 from merging import vocab
 from merging.calibration import open_calibration
+from merging.diagnostics.collector import svd_sample_size, select_layers
 from merging.errors import IncompatibleCheckpointsError, InputError, MergeError, SpecError
 from merging.io.checkpoint import Checkpoint, open_checkpoint
 from merging.io.safetensors_format import TensorMeta, rows_of
@@ -18,7 +19,7 @@ from merging.io.writer import Publisher
 from merging.memory import MemoryPlan, effective_budget, plan_memory, worker_count
 from merging.methods import get_method
 from merging.methods.base import MergeContext, MergeMethod
-from merging.roles import Role, RoleInfo, resolve_role
+from merging.roles import NON_MATRIX_2D_ROLES, Role, RoleInfo, resolve_role
 from merging.spec import MergeSpec, load_spec
 from merging.tied_heads import reconcile_tied_heads
 
@@ -164,6 +165,31 @@ def _union(spec: MergeSpec, base: Checkpoint, experts: list[Checkpoint], added: 
     return appended, vocab.union_side_files(base, union)
 
 
+@dataclass(frozen=True)
+class DiagnosticsSample:
+    """Which matrix keys the data-free diagnostics see (``plan_keys``) and how many of them they
+    analyse whole (the spectral sample): 'full' analyses every matrix, 'sampled' 8% of them
+    (ViT-B/16: 4 layers, one per role), at least 4 and at most 24."""
+    plan_keys: tuple[str, ...]
+    max_svd_layers: int
+    svd_fraction: float
+    min_svd_layers: int = 4
+
+    @classmethod
+    def of(cls, spec: MergeSpec, plan: list[PlanItem]) -> "DiagnosticsSample | None":
+        if spec.options.diagnostics == "off":
+            return None
+        keys = tuple(p.key for p in plan if p.action == "merge" and len(p.shape) == 2 and p.role.role not in NON_MATRIX_2D_ROLES)
+        full = spec.options.diagnostics == "full"
+        return cls(keys, len(keys) if full else 24, 1.0 if full else 0.08)
+
+    @property
+    def analysed_whole(self) -> frozenset[str]:
+        """The keys whose spectra are analysed: merged whole, never in tiles."""
+        n = svd_sample_size(len(self.plan_keys), self.max_svd_layers, self.svd_fraction, self.min_svd_layers)
+        return frozenset(select_layers(self.plan_keys, n))
+
+
 @dataclass
 class PreparedMerge:
     """What a merge starts from: the checkpoints (headers read, open), the plan, and the method
@@ -174,6 +200,7 @@ class PreparedMerge:
     method: MergeMethod
     memory: MemoryPlan  # the budget, the workers, and the keys merged in row blocks
     side_files: dict[str, bytes] = field(default_factory=dict)  # output side files in place of the base's
+    diagnostics: DiagnosticsSample | None = None  # None: options.diagnostics is off
 
     @property
     def merged_items(self) -> list[PlanItem]:
@@ -200,13 +227,15 @@ def prepare(spec: MergeSpec, cfg: IOConfig, calibration_files: dict[str, str] | 
         ctx = MergeContext(spec.expert_names(), device, DTYPES[spec.options.compute_dtype], calibration)
         method: MergeMethod = method_cls(params, ctx)
         method.check_plan([(p.key, p.role, p.shape) for p in plan if p.action == "merge"])
+        diagnostics = DiagnosticsSample.of(spec, plan)
         memory = plan_memory(plan, len(experts), ctx.dtype, method, effective_budget(spec.options.memory_budget, memory_budget),
-                             worker_count(spec.options.workers, device))
+                             worker_count(spec.options.workers, device), tiles=device.type == "cpu",
+                             whole_keys=diagnostics.analysed_whole if diagnostics else frozenset(), held=spec.alpha_auto)
     except BaseException:
         for ck in (base, *experts):
             ck.close()
         raise
-    return PreparedMerge(base, experts, plan, method, memory, side_files)
+    return PreparedMerge(base, experts, plan, method, memory, side_files, diagnostics)
 
 
 @dataclass

@@ -13,12 +13,13 @@ import concurrent.futures
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 from merging.errors import IncompatibleCheckpointsError, NonFiniteInputError
 from merging.io.checkpoint import Checkpoint
+from merging.memory import TILE_BYTES, tile_rows
 from merging.methods.base import RowBlock, TensorJob
 from merging.plan import PlanItem
 
@@ -40,8 +41,9 @@ class TaskVectorLoader:
     RECYCLE_BYTES = 4 << 20  # below this (biases, norms, small models) page faults cost little
 
     def __init__(self, base: Checkpoint, experts: list[Checkpoint], device: torch.device, dtype: torch.dtype,
-                 check_finite: bool, largest_job: int = 0):
+                 check_finite: bool, largest_job: int = 0, tile_bytes: int = TILE_BYTES):
         self.base, self.experts, self.device, self.dtype, self.check_finite = base, experts, device, dtype, check_finite
+        self.tile_bytes = tile_bytes
         self._buffer_bytes = largest_job if device.type == "cpu" and largest_job >= self.RECYCLE_BYTES else 0
         self._free: list[torch.Tensor] = []
         self._owned: dict[tuple, torch.Tensor] = {}  # (plan index, rows) of a loaded job -> its recycled buffer
@@ -97,11 +99,18 @@ class TaskVectorLoader:
         key oriented (out, in), or with ``block`` those rows as stored: ``prepare(read(...))``."""
         return self.prepare(self.read(item, index, block))
 
-    def read(self, item: PlanItem, index: int, block: RowBlock | None = None) -> "ReadInputs":
+    def read(self, item: PlanItem, index: int, block: RowBlock | None = None, tiled: bool = False) -> "ReadInputs":
         """One job's inputs as stored: the reading half of ``load``, for the reading thread. Experts
         in the compute dtype are read straight into the task-vector buffer; the others (bf16
-        checkpoints) are cast by ``prepare``, on a merge worker, so that reading never waits on it."""
+        checkpoints) are cast by ``prepare``, on a merge worker, so that reading never waits on it.
+        With ``tiled`` there is no task-vector buffer: every input stays as stored, for ``tiles``."""
         rows = None if block is None else (block.start, block.stop)
+        if tiled:  # mapped where the format allows: tiles read each input once, from the page cache
+            base = self.base.view(item.key, rows)
+            base = self.base.read(item.key, rows=rows) if base is None else base
+            stored = [ex.view(item.key, rows) for ex in self.experts]
+            stored = [ex.read(item.key, rows=rows) if s is None else s for ex, s in zip(self.experts, stored)]
+            return ReadInputs(item, index, block, base, stored, None)
         base = self.base.read(item.key, rows=rows)
         taus, raw = self._task_buffer((len(self.experts), *base.shape))
         stored: list[torch.Tensor | None] = []
@@ -115,6 +124,37 @@ class TaskVectorLoader:
             self._owned[(index, rows)] = raw
         return ReadInputs(item, index, block, base, stored, taus)
 
+    def tiles(self, inputs: "ReadInputs", draws: Any = None) -> Iterator[tuple[torch.Tensor, TensorJob]]:
+        """The job of ``inputs`` (read with ``tiled``) as row tiles small enough for the cache
+        (``merging.memory.tile_size``): for each, the base rows in the compute dtype and the tile's job (its
+        ``block``: the tile's rows of the key; ``draws`` sliced to them). Each input is read from
+        memory once and every pass of the method runs on cached data: merging a large job whole
+        makes each of the method's passes, and the casts, a trip through memory (the 8B-shaped Task
+        Arithmetic spent most of its time there). The tiles hold the same values as the whole job,
+        so an element-wise method merges them to the same bits. The tiles share one buffer: use
+        each before asking for the next."""
+        item, block, n_experts = inputs.item, inputs.block, len(self.experts)
+        rows = None if block is None else (block.start, block.stop)
+        offset, total = (0, item.shape[0]) if block is None else (block.start, block.rows)
+        for ex, stored in zip(self.experts, inputs.experts):
+            if item.key in ex.tied_duplicates:
+                self._check_duplicate(ex, item.key, stored.to(self.device, self.dtype), rows)
+        n, rest = inputs.base.shape[0], tuple(inputs.base.shape[1:])
+        step = tile_rows(math.prod(rest), n_experts, self.dtype.itemsize, self.tile_bytes)
+        buffer = torch.empty((n_experts, min(step, n), *rest), dtype=self.dtype, device=self.device)
+        for a in range(0, n, step):
+            b = min(a + step, n)
+            if b - a < buffer.shape[1]:  # the short last tile: contiguous like the others
+                buffer = torch.empty((n_experts, b - a, *rest), dtype=self.dtype, device=self.device)
+            base = inputs.base[a:b].to(self.device, self.dtype)
+            for i, stored in enumerate(inputs.experts):  # cast, then subtract: the same bits as ``prepare``, and
+                buffer[i].copy_(stored[a:b]).sub_(base)  # faster than one mixed-dtype torch.sub (vectorised casts)
+            if self.check_finite and not bool(torch.isfinite(buffer.sum() + base.sum())):
+                if not (bool(torch.isfinite(base).all()) and bool(torch.isfinite(buffer).all())):
+                    self._explain_non_finite(item.key, rows)
+            tile = RowBlock(offset + a, offset + b, total)
+            yield base, TensorJob(item.key, item.role, buffer, inputs.index, tile, None if draws is None else draws[:, a:b])
+
     def prepare(self, inputs: "ReadInputs") -> tuple[torch.Tensor, TensorJob]:
         """The computing half of ``load``: the inputs in the compute dtype, the task vectors formed
         and checked (finite; an untied head against its table), oriented (out, in) when whole.
@@ -122,6 +162,8 @@ class TaskVectorLoader:
         item, block = inputs.item, inputs.block
         rows = None if block is None else (block.start, block.stop)
         base, taus = inputs.base.to(self.device, self.dtype), inputs.taus
+        if taus is None:  # read for tiles
+            taus = torch.empty((len(self.experts), *base.shape), dtype=self.dtype, device=self.device)
         for i, (ex, stored) in enumerate(zip(self.experts, inputs.experts)):
             if item.key in ex.tied_duplicates:
                 self._check_duplicate(ex, item.key, taus[i] if stored is None else stored.to(self.device, self.dtype), rows)
@@ -149,7 +191,7 @@ class ReadInputs:
     block: RowBlock | None
     base: torch.Tensor
     experts: list[torch.Tensor | None]
-    taus: torch.Tensor
+    taus: torch.Tensor | None  # None when read for tiles
 
     @property
     def task_shape(self) -> tuple[int, ...]:

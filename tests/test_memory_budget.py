@@ -79,8 +79,9 @@ def test_peak_rss_stays_within_the_budget_where_merging_whole_would_not(llm_like
     # what the merge added to the process: the jobs in flight (within the budget), plus a fixed
     # allowance for the worker threads' stacks and the output hashing's read buffers
     assert blocked["after"] - blocked["before"] < 64 * MiB + 32 * MiB, blocked
-    # the same merge of the vocabulary table whole: 16.8M entries x (T + 3) float32 copies at least
-    assert whole["after"] - whole["before"] > 400 * MiB, whole
+    # the same merge of the vocabulary table whole: its 16.8M entries held as read from the T + 1
+    # bf16 inputs, and as written (merged in cache-sized tiles): 192 MiB, three times the budget
+    assert whole["after"] - whole["before"] > 3 * 64 * MiB, whole
 
 
 @pytest.mark.parametrize(("fixture", "method", "budget"), [

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 import merging
 from merging.errors import IncompatibleCheckpointsError
 
-V, D = 1000, 32
+V, D = 4000, 32
 EMB, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 

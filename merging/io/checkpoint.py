@@ -13,9 +13,12 @@ Every error names the checkpoint's label (``base`` or ``expert 'name'``) and the
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import os
 import pickle
 import threading
+import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,6 +29,10 @@ import torch
 from merging.errors import CorruptCheckpointError, InputError, MergeError, UnreadableURIError, UnsafePickleError
 from merging.io.safetensors_format import TensorMeta, header_length, parse_header, read_tensor, rows_of
 from merging.io.sources import HTTP_SCHEMES, IOConfig, Location
+
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux: fault the pages in at mmap(), in one call
+# ``Checkpoint.view`` maps inputs read-only on purpose: torch warns that it cannot mark a tensor read-only.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 # Files copied from the base model directory into the output, when present: the config, the
 # tokenizer with its special and added tokens, the chat template (transformers ≥ 4.43 keeps it in
@@ -103,6 +110,32 @@ class Checkpoint:
                 raise CorruptCheckpointError(f"{self.label} ({self._files[meta.file].uri}): {e}") from None
             except OSError as e:
                 raise UnreadableURIError(f"{self.label}: cannot read tensor {key!r} from {self._files[meta.file].uri} ({e.strerror})") from None
+
+    def view(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor | None:
+        """``read`` without a copy: a read-only tensor over the file's pages, mapped and faulted
+        in now (MAP_POPULATE), so that the page cache is read in place instead of copied into
+        fresh memory (at LLM scale the copy took a third of the reading thread). None for pickled
+        checkpoints. The mapping lasts as long as the tensor; never write to it. A file truncated
+        while mapped kills the process (SIGBUS) instead of raising; nothing is published then."""
+        meta = self.metas[key]
+        if self.format == "torch":
+            return None
+        if rows is not None:
+            meta = rows_of(meta, *rows)
+        if meta.nbytes == 0:
+            return torch.empty(meta.shape, dtype=meta.dtype)
+        with self._lock:
+            f = self._handles.get(meta.file)
+            if f is None:
+                f = self._handles[meta.file] = self._open_data(meta.file)
+            aligned = meta.start - meta.start % mmap.ALLOCATIONGRANULARITY
+            try:
+                pages = mmap.mmap(f.fileno(), meta.start + meta.nbytes - aligned, flags=mmap.MAP_SHARED | _POPULATE,
+                                  prot=mmap.PROT_READ, offset=aligned)
+            except OSError as e:
+                raise UnreadableURIError(f"{self.label}: cannot map tensor {key!r} from {self._files[meta.file].uri} ({e.strerror})") from None
+        flat = torch.frombuffer(pages, dtype=meta.dtype, count=math.prod(meta.shape), offset=meta.start - aligned)
+        return flat.reshape(meta.shape)
 
     def _open_data(self, file_key: str):
         loc = self._files[file_key]
