@@ -350,7 +350,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 # validate
 
 
-def plan_summary(spec, plan, base, experts, memory=None) -> dict[str, Any]:
+def plan_summary(spec, plan, base, experts, memory=None, cost=None) -> dict[str, Any]:
     merged = [p for p in plan if p.action == "merge"]
     copied = [p for p in plan if p.action == "copy"]
     out_bytes = 0
@@ -372,6 +372,7 @@ def plan_summary(spec, plan, base, experts, memory=None) -> dict[str, Any]:
         "copied": [{"key": p.key, "reason": p.reason} for p in copied],
         "output_bytes": out_bytes,
         "memory": memory.report(plan) if memory is not None else None,
+        "cost": cost,
         "warnings": [],
     }
 
@@ -390,6 +391,13 @@ def format_plan_summary(s: dict[str, Any]) -> str:
         m = s["memory"]
         lines.append(f"  memory    ~{format_bytes(m['estimated_peak_bytes'])} peak (budget {format_bytes(m['budget_bytes'])}, "
                      f"{m['workers']} worker(s); {len(m['row_blocked'])} tensor(s) in row blocks)")
+    if s.get("cost"):
+        c = s["cost"]
+        if c.get("estimated_wall_s") is None:
+            lines.append(f"  time      no estimate: {c.get('reason')}")
+        else:
+            parts = ", ".join(f"{k} {v:g}s" for k, v in c["parts_s"].items())
+            lines.append(f"  time      ~{c['estimated_wall_s']:g}s estimated ({parts}; cost model of {c['model']['measured']})")
     for c in s["copied"][:10]:
         lines.append(f"  copy      {c['key']} ({c['reason']})")
     if len(s["copied"]) > 10:
@@ -402,7 +410,7 @@ def format_plan_summary(s: dict[str, Any]) -> str:
 def cmd_validate(args: argparse.Namespace) -> int:
     spec = apply_overrides(load_spec_file(args.spec), output=args.output, overwrite=args.overwrite)
     pf = preflight(spec)  # the same checks merge() makes before reading a tensor
-    summary = plan_summary(pf.spec, pf.plan, pf.base, pf.experts, pf.memory)
+    summary = plan_summary(pf.spec, pf.plan, pf.base, pf.experts, pf.memory, pf.cost)
     if pf.output_problem:
         summary["warnings"].append(f"{pf.output_problem}: merge will fail unless run with --overwrite")
     if args.json:

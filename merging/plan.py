@@ -10,6 +10,7 @@ import torch
 
 from merging import vocab
 from merging.calibration import open_calibration
+from merging.cost import estimate_wall
 from merging.diagnostics.collector import svd_sample_size, select_layers
 from merging.errors import IncompatibleCheckpointsError, InputError, MergeError, SpecError
 from merging.io.checkpoint import Checkpoint, open_checkpoint
@@ -201,6 +202,7 @@ class PreparedMerge:
     memory: MemoryPlan  # the budget, the workers, and the keys merged in row blocks
     side_files: dict[str, bytes] = field(default_factory=dict)  # output side files in place of the base's
     diagnostics: DiagnosticsSample | None = None  # None: options.diagnostics is off
+    cost: dict = field(default_factory=dict)  # the estimated wall time (merging.cost.estimate_wall)
 
     @property
     def merged_items(self) -> list[PlanItem]:
@@ -235,7 +237,8 @@ def prepare(spec: MergeSpec, cfg: IOConfig, calibration_files: dict[str, str] | 
         for ck in (base, *experts):
             ck.close()
         raise
-    return PreparedMerge(base, experts, plan, method, memory, side_files, diagnostics)
+    cost = estimate_wall(plan, method, len(experts), memory, device)
+    return PreparedMerge(base, experts, plan, method, memory, side_files, diagnostics, cost)
 
 
 @dataclass
@@ -247,6 +250,7 @@ class Preflight:
     experts: list[Checkpoint]
     output_problem: str | None  # why publishing would fail (e.g. the target exists), or None
     memory: MemoryPlan
+    cost: dict  # the estimated wall time and its parts (merging.cost.estimate_wall)
 
 
 def preflight(spec: MergeSpec | dict, io: IOConfig | None = None, *, calibration_files: dict[str, str] | None = None,
@@ -264,4 +268,4 @@ def preflight(spec: MergeSpec | dict, io: IOConfig | None = None, *, calibration
         Publisher(spec.output.uri, cfg, spec.output.overwrite).check_target()
     except MergeError as e:
         problem = e.message
-    return Preflight(spec, prepared.plan, prepared.base, prepared.experts, problem, prepared.memory)
+    return Preflight(spec, prepared.plan, prepared.base, prepared.experts, problem, prepared.memory, prepared.cost)

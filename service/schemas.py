@@ -40,8 +40,10 @@ class ValidationReport(BaseModel):
     valid: bool
     error: ErrorInfo | None = None
     summary: dict[str, Any] | None = Field(None, description=(
-        "Inputs, tensor counts, roles and copied tensors when valid, and the memory plan: the budget, the workers, "
-        "the estimated peak bytes, the largest job and the tensors merged in row blocks."))
+        "Inputs, tensor counts, roles and copied tensors when valid; the memory plan: the budget, the workers, "
+        "the estimated peak bytes, the largest job and the tensors merged in row blocks; and `cost`: the estimated "
+        "wall time in seconds (`estimated_wall_s`, with `parts_s` and the cost model's machine and date), or null "
+        "with the `reason` when no cost model is fitted for the device or method."))
 
 
 class MethodList(BaseModel):

@@ -179,6 +179,7 @@ def _dry_run(spec: MergeSpec, settings, storage: Storage) -> ValidationReport:
         "copied": [{"key": p.key, "reason": p.reason} for p in plan if p.action == "copy"][:100],
         "output_bytes": sum(int(torch.Size(p.out_shape).numel()) * p.out_dtype.itemsize for p in plan),
         "memory": pf.memory.report(plan),
+        "cost": pf.cost,
     }
     return ValidationReport(valid=True, summary=summary)
 
