@@ -195,7 +195,7 @@ def plan_memory(plan: list[PlanItem], n_experts: int, dtype: torch.dtype, method
     for i, item in enumerate(plan):
         if item.action != "merge":
             continue
-        if (tiles and item.shape and item.key not in whole_keys and method.row_blockable(item.role, item.shape)
+        if (tiles and math.prod(item.shape or (0,)) and item.key not in whole_keys and method.row_blockable(item.role, item.shape)
                 and not (item.role.transposed and len(item.shape) == 2)):
             tiled.add(i)
         kind = {"tiled": tile_bytes if i in tiled else 0, "held": held}

@@ -225,3 +225,16 @@ def test_tiles_give_the_same_bytes_as_whole_jobs(inputs, method, monkeypatch):
     monkeypatch.setattr("merging.memory.TILE_BYTES", 1 << 40)
     whole = merging.merge(_spec(inputs, method, f"one-{method}"))
     assert tiny.manifest["files"]["model.safetensors"]["sha256"] == whole.manifest["files"]["model.safetensors"]["sha256"]
+
+
+def test_an_empty_tensor_beside_tiled_ones(tmp_path):
+    """A tensor with no rows has no tiles: it is merged whole (to nothing) and written with its shape."""
+    b = {"a.weight": torch.randn(8, 4), "empty.weight": torch.zeros(0, 4), "n.weight": torch.randn(4)}
+    save_file(b, str(tmp_path / "b.safetensors"))
+    for t in range(2):
+        save_file({k: v + 0.1 for k, v in b.items()}, str(tmp_path / f"e{t}.safetensors"))
+    merging.merge({"method": "task_arithmetic", "base": {"uri": str(tmp_path / "b.safetensors")},
+                   "experts": [{"uri": str(tmp_path / f"e{t}.safetensors")} for t in range(2)],
+                   "output": {"uri": str(tmp_path / "out")}, "options": {"diagnostics": "off"}})
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert out["empty.weight"].shape == (0, 4) and torch.allclose(out["a.weight"], b["a.weight"] + 0.3 * 0.2)
