@@ -41,8 +41,8 @@ def tile_rows(per_row: int, n_experts: int, itemsize: int, tile_bytes: int) -> i
 
 
 def tile_size(budget: int, workers: int) -> int:
-    """Bytes of one tile: ``TILE_BYTES``, or a 32nd of a worker's share of a small budget."""
-    return max(16 << 10, min(TILE_BYTES, budget // max(1, workers) // 32))
+    """Bytes of one tile: ``TILE_BYTES``, or a 64th of a worker's share of a small budget."""
+    return max(16 << 10, min(TILE_BYTES, budget // max(1, workers) // 64))
 
 
 def default_workers() -> int:
