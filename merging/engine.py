@@ -293,7 +293,7 @@ class _MergePass:
                     group = ""
                 out = torch.empty(inputs.base.shape, dtype=item.out_dtype if group is None else merged.dtype)
             rows = slice(job.block.start - offset, job.block.stop - offset)
-            out[rows].copy_(merged if group is not None else merged.mul_(coefficient).add_(base_t))  # merged_weight's bits
+            out[rows].copy_(merged if group is not None else merged_weight(base_t, merged, coefficient, item, job.block))
         del inputs
         norm = None if group is None else float(torch.linalg.vector_norm(out))
         return _Merged(out, coefficient, group, norm, alpha_scaled, block)

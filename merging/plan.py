@@ -11,7 +11,7 @@ import torch
 from merging import vocab
 from merging.calibration import open_calibration
 from merging.cost import estimate_wall
-from merging.diagnostics.collector import svd_sample_size, select_layers
+from merging.diagnostics.collector import spectral_sample
 from merging.errors import IncompatibleCheckpointsError, InputError, MergeError, SpecError
 from merging.io.checkpoint import Checkpoint, open_checkpoint
 from merging.io.safetensors_format import TensorMeta, rows_of
@@ -187,8 +187,7 @@ class DiagnosticsSample:
     @property
     def analysed_whole(self) -> frozenset[str]:
         """The keys whose spectra are analysed: merged whole, never in tiles."""
-        n = svd_sample_size(len(self.plan_keys), self.max_svd_layers, self.svd_fraction, self.min_svd_layers)
-        return frozenset(select_layers(self.plan_keys, n))
+        return frozenset(spectral_sample(self.plan_keys, self.max_svd_layers, self.svd_fraction, self.min_svd_layers))
 
 
 @dataclass
@@ -202,7 +201,6 @@ class PreparedMerge:
     memory: MemoryPlan  # the budget, the workers, and the keys merged in row blocks
     side_files: dict[str, bytes] = field(default_factory=dict)  # output side files in place of the base's
     diagnostics: DiagnosticsSample | None = None  # None: options.diagnostics is off
-    cost: dict = field(default_factory=dict)  # the estimated wall time (merging.cost.estimate_wall)
 
     @property
     def merged_items(self) -> list[PlanItem]:
@@ -237,8 +235,7 @@ def prepare(spec: MergeSpec, cfg: IOConfig, calibration_files: dict[str, str] | 
         for ck in (base, *experts):
             ck.close()
         raise
-    cost = estimate_wall(plan, method, len(experts), memory, device)
-    return PreparedMerge(base, experts, plan, method, memory, side_files, diagnostics, cost)
+    return PreparedMerge(base, experts, plan, method, memory, side_files, diagnostics)
 
 
 @dataclass
@@ -268,4 +265,5 @@ def preflight(spec: MergeSpec | dict, io: IOConfig | None = None, *, calibration
         Publisher(spec.output.uri, cfg, spec.output.overwrite).check_target()
     except MergeError as e:
         problem = e.message
-    return Preflight(spec, prepared.plan, prepared.base, prepared.experts, problem, prepared.memory, prepared.cost)
+    cost = estimate_wall(prepared.plan, prepared.method, len(prepared.experts), prepared.memory, prepared.method.ctx.device)
+    return Preflight(spec, prepared.plan, prepared.base, prepared.experts, problem, prepared.memory, cost)

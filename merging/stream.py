@@ -71,6 +71,14 @@ class TaskVectorLoader:
                 f"{ex.label} saves an untied {head.key!r} that differs from its {key!r}{where}, but the base ties its head "
                 f"to {key!r}: merge it with a base saved untied, or save the expert tied (tie_word_embeddings)")
 
+    def _check_finite(self, key: str, rows: tuple[int, int] | None, taus: torch.Tensor, base: torch.Tensor) -> None:
+        """Refuse NaN/Inf in the task vectors or the base (with ``check_finite``). NaN/Inf in any
+        input makes the sum non-finite: one fused pass over both. (A finite but huge sum also
+        fails this; then the exact check decides.)"""
+        if self.check_finite and not bool(torch.isfinite(taus.sum() + base.sum())):
+            if not (bool(torch.isfinite(base).all()) and bool(torch.isfinite(taus).all())):
+                self._explain_non_finite(key, rows)
+
     def _explain_non_finite(self, key: str, rows: tuple[int, int] | None) -> None:
         for ckpt in (self.base, *self.experts):
             self.read_checked(ckpt, key, rows)  # raises naming the checkpoint if its stored values are NaN/Inf
@@ -106,11 +114,8 @@ class TaskVectorLoader:
         With ``tiled`` there is no task-vector buffer: every input stays as stored, for ``tiles``."""
         rows = None if block is None else (block.start, block.stop)
         if tiled:  # mapped where the format allows: tiles read each input once, from the page cache
-            base = self.base.view(item.key, rows)
-            base = self.base.read(item.key, rows=rows) if base is None else base
-            stored = [ex.view(item.key, rows) for ex in self.experts]
-            stored = [ex.read(item.key, rows=rows) if s is None else s for ex, s in zip(self.experts, stored)]
-            return ReadInputs(item, index, block, base, stored, None)
+            stored = [_mapped_or_read(ck, item.key, rows) for ck in (self.base, *self.experts)]
+            return ReadInputs(item, index, block, stored[0], stored[1:], None)
         base = self.base.read(item.key, rows=rows)
         taus, raw = self._task_buffer((len(self.experts), *base.shape))
         stored: list[torch.Tensor | None] = []
@@ -149,9 +154,7 @@ class TaskVectorLoader:
             base = inputs.base[a:b].to(self.device, self.dtype)
             for i, stored in enumerate(inputs.experts):  # cast, then subtract: the same bits as ``prepare``, and
                 buffer[i].copy_(stored[a:b]).sub_(base)  # faster than one mixed-dtype torch.sub (vectorised casts)
-            if self.check_finite and not bool(torch.isfinite(buffer.sum() + base.sum())):
-                if not (bool(torch.isfinite(base).all()) and bool(torch.isfinite(buffer).all())):
-                    self._explain_non_finite(item.key, rows)
+            self._check_finite(item.key, rows, buffer, base)
             tile = RowBlock(offset + a, offset + b, total)
             yield base, TensorJob(item.key, item.role, buffer, inputs.index, tile, None if draws is None else draws[:, a:b])
 
@@ -172,14 +175,15 @@ class TaskVectorLoader:
             else:  # cast and subtract in one pass, into the buffer (the same bits as casting first)
                 torch.sub(stored.to(self.device), base, out=taus[i])
         inputs.experts = []  # the stored copies are not needed any more
-        # NaN/Inf in any input makes the sum non-finite: one fused pass over the task vectors and the
-        # base. (A finite but huge sum also fails this; then the exact check below decides.)
-        if self.check_finite and not bool(torch.isfinite(taus.sum() + base.sum())):
-            if not (bool(torch.isfinite(base).all()) and bool(torch.isfinite(taus).all())):
-                self._explain_non_finite(item.key, rows)
+        self._check_finite(item.key, rows, taus, base)
         if block is None and item.role.transposed and len(item.shape) == 2:
             base, taus = base.mT, taus.mT
         return base, TensorJob(item.key, item.role, taus, inputs.index, block)
+
+
+def _mapped_or_read(ckpt: Checkpoint, key: str, rows: tuple[int, int] | None) -> torch.Tensor:
+    mapped = ckpt.view(key, rows)
+    return ckpt.read(key, rows=rows) if mapped is None else mapped
 
 
 @dataclass

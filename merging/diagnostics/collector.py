@@ -65,6 +65,11 @@ def svd_sample_size(n_keys: int, max_layers: int, fraction: float, min_layers: i
     return max(0, min(int(max_layers), n_keys, want))
 
 
+def spectral_sample(plan_keys: Sequence[str], max_layers: int, fraction: float, min_layers: int) -> list[str]:
+    """The matrix keys that get the spectral analysis: ``svd_sample_size`` of them, by ``select_layers``."""
+    return select_layers(plan_keys, svd_sample_size(len(plan_keys), max_layers, fraction, min_layers))
+
+
 def select_layers(keys: Sequence[str], count: int) -> list[str]:
     """Deterministic sample of ``count`` keys, evenly spread, stratified by name-inferred role.
 
@@ -260,8 +265,7 @@ class DiagnosticsCollector:
         self.n_top, self.profile_points = n_top, profile_points
         self.hogsvd_pi, self.hogsvd_common_tol, self.hogsvd_max_dim = hogsvd_pi, hogsvd_common_tol, hogsvd_max_dim
         self.svd_fraction, self.min_svd_layers = float(svd_fraction), int(min_svd_layers)
-        n_svd = svd_sample_size(len(self.plan_keys), self.max_svd_layers, self.svd_fraction, self.min_svd_layers)
-        self.svd_keys = select_layers(self.plan_keys, n_svd)
+        self.svd_keys = spectral_sample(self.plan_keys, self.max_svd_layers, self.svd_fraction, self.min_svd_layers)
         self.hogsvd_keys = select_layers(self.svd_keys, self.hogsvd_layers) if self.n_tasks >= 2 else []
         self._svd_set, self._hogsvd_set = set(self.svd_keys), set(self.hogsvd_keys)
         self._plan_pos = {k: i for i, k in enumerate(self.plan_keys)}

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from merging.diagnostics.collector import DiagnosticsCollector, analyse_layer, select_layers, svd_sample_size
+from merging.diagnostics.collector import DiagnosticsCollector, analyse_layer, select_layers, spectral_sample
 from merging.diagnostics import metrics as M
 from merging.methods import get_method
 from merging.methods.base import MergeContext, TensorJob
@@ -80,8 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     names = [f"e{i}" for i in range(t_count)]
     plan = vit_plan(args.blocks)
     plan_keys = [k for k, _ in plan]
-    n_svd = svd_sample_size(len(plan_keys), args.max_svd_layers, args.svd_fraction, args.min_svd_layers)
-    svd_keys = set(select_layers(plan_keys, n_svd))
+    svd_keys = set(spectral_sample(plan_keys, args.max_svd_layers, args.svd_fraction, args.min_svd_layers))
     hog_keys = set(select_layers([k for k in plan_keys if k in svd_keys], args.hogsvd_layers))
     methods = args.methods.split(",")
     ctx = MergeContext(names, torch.device("cpu"), torch.float32)

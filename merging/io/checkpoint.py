@@ -101,9 +101,7 @@ class Checkpoint:
                 src = src[rows[0]:rows[1]]
             return src.clone().contiguous() if out is None else out.copy_(src)
         with self._lock:
-            f = self._handles.get(meta.file)
-            if f is None:
-                f = self._handles[meta.file] = self._open_data(meta.file)
+            f = self._handle(meta.file)
             try:
                 return read_tensor(f, meta, out)
             except CorruptCheckpointError as e:
@@ -125,9 +123,7 @@ class Checkpoint:
         if meta.nbytes == 0:
             return torch.empty(meta.shape, dtype=meta.dtype)
         with self._lock:
-            f = self._handles.get(meta.file)
-            if f is None:
-                f = self._handles[meta.file] = self._open_data(meta.file)
+            f = self._handle(meta.file)
             aligned = meta.start - meta.start % mmap.ALLOCATIONGRANULARITY
             try:
                 pages = mmap.mmap(f.fileno(), meta.start + meta.nbytes - aligned, flags=mmap.MAP_SHARED | _POPULATE,
@@ -136,6 +132,13 @@ class Checkpoint:
                 raise UnreadableURIError(f"{self.label}: cannot map tensor {key!r} from {self._files[meta.file].uri} ({e.strerror})") from None
         flat = torch.frombuffer(pages, dtype=meta.dtype, count=math.prod(meta.shape), offset=meta.start - aligned)
         return flat.reshape(meta.shape)
+
+    def _handle(self, file_key: str):
+        """The open data file ``file_key`` (opened on first use; call with ``_lock`` held)."""
+        f = self._handles.get(file_key)
+        if f is None:
+            f = self._handles[file_key] = self._open_data(file_key)
+        return f
 
     def _open_data(self, file_key: str):
         loc = self._files[file_key]
